@@ -1,0 +1,1 @@
+"""dinolike: DINOv2-style self-supervised ViT pretraining."""
