@@ -1,0 +1,39 @@
+"""`dinolike COMMAND ...`: one entry point; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# command -> (module with main(argv) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dinolike.train.cli", "pretrain (or run a high-res phase) from a config"),
+    "distill": ("dinolike.train.cli", "distill a pretrained teacher into smaller students"),
+    "eval": ("eval.__main__", "knn | linear | logreg evaluation of a checkpoint"),
+    "plot": ("eval.plot", "PNG of the training curves of a run directory"),
+    "viz": ("eval.viz", "PCA picture of patch features"),
+    "export": ("dinolike.interop.export_cli", "export a checkpoint: official | hf | timm"),
+    "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
+    "submit": ("launch.__main__", "submit a job to SLURM through submitit"),
+    "curate": ("curation.__main__", "curation steps: embed | dedup | retrieve | sample | build"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
+        print(f"usage: dinolike COMMAND [ARGS]\n\ncommands:\n{lines}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    if argv[0] in ("train", "distill"):
+        return module.main(argv)
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Config loading: the schema `configs/base.yaml` <- recipe file(s) <- command-line dot-list.
+
+The schema is strict: a key it does not hold is an error that names the key and suggests the closest
+known one (the official code accepts typos silently, and a mistyped learning-rate key trains the default).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BASE = CONFIG_DIR / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message says which key or file."""
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        name = f"{prefix}{k}"
+        keys.append(name)
+        if isinstance(v, DictConfig):
+            keys.extend(_all_keys(v, name + "."))
+    return keys
+
+
+def _unknown_key_error(schema: DictConfig, key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(schema), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[DictConfig, str]]:
+    """A recipe may start from another (`base: file.yaml`, relative to it): returns the chain, root first."""
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config files include each other in a loop: {path}")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    parent = cfg.pop("base", None)
+    chain = _read_yaml_chain(path.parent / parent, (*seen, path)) if parent else []
+    return [*chain, (cfg, str(path))]
+
+
+def _check_type(key: str, default: object, value: object, source: str) -> None:
+    """Values must keep the schema's type (a number stays a number); null defaults accept anything."""
+    if default is None or value is None:
+        return
+    ok = {
+        bool: (bool,),
+        int: (int,),
+        float: (int, float),
+        str: (str,),
+        ListConfig: (ListConfig, list, tuple),
+    }
+    for typ, allowed in ok.items():
+        if isinstance(default, typ):
+            if not isinstance(value, allowed) or (typ is not bool and isinstance(value, bool)):
+                raise ConfigError(
+                    f"'{key}' in {source} must be {typ.__name__.replace('ListConfig', 'list')}, got {value!r}"
+                )
+            return
+
+
+def _merge_strict(schema: DictConfig, delta: DictConfig, source: str) -> DictConfig:
+    flat = {}
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, DictConfig) and len(v) and not (prefix + k).startswith("distill.students"):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + str(k)] = v
+
+    walk(delta, "")
+    for key in flat:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(schema, parent) if parent else schema
+        if not isinstance(node, DictConfig) or leaf not in node:
+            raise _unknown_key_error(schema, key, source)
+        if isinstance(node[leaf], DictConfig) and not isinstance(flat[key], DictConfig):
+            raise ConfigError(f"'{key}' in {source} is a section; set its keys ({key}.KEY=VALUE)")
+        _check_type(key, node._get_node(leaf)._value(), flat[key], source)
+    try:
+        return OmegaConf.merge(schema, delta)
+    except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
+        raise ConfigError(f"bad value in {source}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
+    """Merged, read-only-schema config. `overrides` are `section.key=value` strings."""
+    cfg = OmegaConf.load(BASE)
+    OmegaConf.set_struct(cfg, True)
+    if path is not None:
+        for delta, source in _read_yaml_chain(Path(path)):
+            cfg = _merge_strict(cfg, delta, source)
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
+    if overrides:
+        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_container(cfg: DictConfig | ListConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

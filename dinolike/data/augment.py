@@ -1,0 +1,420 @@
+"""DINOv2 multi-crop augmentation, implemented on batched tensors for speed.
+
+Recipe per crop (as in DINOv2): random resized crop (bicubic) -> horizontal flip -> colour jitter
+(brightness, contrast, saturation, hue in random order, applied with probability ``jitter_p``) ->
+random grayscale -> Gaussian blur -> solarize -> normalise. The first global crop is always blurred, the
+second rarely blurred but sometimes solarised, local crops blurred half of the time.
+
+Why not torchvision's per-crop PIL pipeline: for the CPU recipe (28 px Fashion-MNIST, ~8 crops per
+image) per-call overhead dominates, so every step after the resize works on all crops of a group at once
+with per-crop random parameters (see ``benchmarks/bench_augment.py`` for the numbers). All random numbers
+come from one ``torch.Generator`` so a sample's crops are a pure function of that generator's seed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "MultiCropAugmentation",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "blur_kernel_size",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FMNIST_MEAN = (0.2860,)  # Fashion-MNIST train-set pixel statistics, in [0, 1] units
+FMNIST_STD = (0.3530,)
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as used by PIL's convert("L")
+_SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize default
+_RRC_ATTEMPTS = 10
+_MATRIX_RESIZE_MAX_PIXELS = 64 * 64  # above this, per-crop F.interpolate is faster
+
+# Columns of the per-crop uniform draws (one torch.rand call per crop group).
+_U_FLIP, _U_JIT, _U_BRI, _U_CON, _U_SAT, _U_HUE = 0, 1, 2, 3, 4, 5
+_U_ORDER = slice(6, 10)
+_U_GRAY, _U_BLUR, _U_SIGMA, _U_SOL = 10, 11, 12, 13
+_N_UNIFORMS = 14
+
+
+def blur_kernel_size(crop_size: int) -> int:
+    """Odd Gaussian kernel size for a crop: 9 (the DINOv2 value) from 96 px up, down to 3 for tiny crops.
+
+    A 9-tap kernel on a 28 px crop would reach across a third of the image; 2*floor(size/20)+1 keeps the
+    kernel's reach proportional to the crop.
+    """
+    return int(min(9, max(3, 2 * (crop_size // 20) + 1)))
+
+
+@lru_cache(maxsize=32)
+def _tap_basis(size: int, k: int) -> torch.Tensor:
+    """[k, size * size] one-hot matrices: tap j of a 'reflect'-padded 1-D convolution of length ``size``.
+
+    A blur matrix is then ``weights [m, k] @ basis``, one matmul instead of a scatter per crop group.
+    """
+    r = k // 2
+    pos = torch.arange(size)[:, None] + torch.arange(-r, r + 1)[None, :]  # [size, k]: source of tap j at i
+    if size == 1:
+        pos = torch.zeros_like(pos)
+    else:
+        period = 2 * (size - 1)
+        pos = pos.remainder(period)
+        pos = torch.where(pos >= size, period - pos, pos)
+    basis = torch.zeros(k, size, size)
+    # (tap, output) pairs are unique, so plain assignment is exact; when reflection sends two taps of one
+    # output to the same pixel, the weighted sum over taps adds them up.
+    basis[torch.arange(k)[None, :], torch.arange(size)[:, None], pos] = 1.0
+    return basis.view(k, size * size)
+
+
+def _blur_matrices(sigma: torch.Tensor, size: int, k: int) -> torch.Tensor:
+    """Per-crop Gaussian blur as a matrix [m, size, size] (reflect border), so blur = M @ x @ M^T.
+
+    On small crops two batched matmuls are far cheaper than a grouped conv2d with per-crop kernels.
+    """
+    r = k // 2
+    t2 = torch.arange(-r, r + 1, dtype=torch.float32) ** 2  # [k]
+    w = torch.exp(t2 * (-0.5 / sigma.square())[:, None])  # [m, k]
+    w = w / w.sum(dim=1, keepdim=True)
+    return (w @ _tap_basis(size, k)).view(-1, size, size)  # [m, size, size]
+
+
+def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys cubic convolution kernel (a = -0.5, the value PIL and torch's antialiased bicubic use)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1  # |t| < 1
+    far = (((t - 5) * t + 8) * t - 4) * a  # 1 <= |t| < 2
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def _resize_matrices(
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Antialiased bicubic resampling of the windows [start, start + length) of an axis of ``in_size``
+    pixels to ``out_size`` pixels, as matrices R [n, out_size, in_size] (so resized = R @ signal).
+
+    Matches ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` on the cropped window:
+    output i samples the window at (i + 0.5) * scale with the kernel stretched by max(scale, 1) when
+    shrinking; taps outside the window get zero weight and each row is renormalised. ``flip`` [n] bool
+    mirrors the output (a horizontal flip folded into the resize for free).
+    """
+    start = start.to(torch.float32)[:, None, None]  # [n, 1, 1]
+    length = length.to(torch.float32)[:, None, None]
+    scale = length / out_size
+    stretch = scale.clamp_min(1.0)
+    i = torch.arange(out_size, dtype=torch.float32)[None, :, None]  # [1, out, 1]
+    if flip is not None:
+        i = torch.where(flip[:, None, None], out_size - 1 - i, i)  # [n, out, 1]
+    centre = (i + 0.5) * scale  # [n, out, 1], in window coordinates
+    src = torch.arange(in_size, dtype=torch.float32)[None, None, :] - start  # [n, 1, in]
+    w = _cubic((src + 0.5 - centre) / stretch)  # [n, out, in]
+    w = w * ((src >= 0) & (src < length))
+    return w / w.sum(dim=2, keepdim=True)
+
+
+@lru_cache(maxsize=4096)
+def _window_matrix(start: int, length: int, in_size: int, out_size: int, flip: bool) -> torch.Tensor:
+    """Cached [out_size, in_size] resize matrix of one window; small images have few distinct windows."""
+    return _resize_matrices(
+        torch.tensor([start]), torch.tensor([length]), in_size, out_size, torch.tensor([flip])
+    )[0]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma of [n, C, H, W] as [n, 1, H, W] (identity for one channel)."""
+    if x.shape[1] == 1:
+        return x
+    w = x.new_tensor(_LUMA).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images x [m, 3, H, W] in [0, 1] by ``shift`` [m] turns (HSV round trip)."""
+    maxc, argmax = x.max(dim=1)  # [m, H, W]
+    minc = x.min(dim=1).values
+    delta = maxc - minc
+    sat = delta / maxc.clamp_min(1e-8)
+    safe = delta.clamp_min(1e-8)
+    r, g, b = x.unbind(dim=1)
+    # Hue in sixths of a turn, measured from the dominant channel.
+    h6 = torch.where(
+        argmax == 0, (g - b) / safe, torch.where(argmax == 1, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
+    )
+    h6 = torch.where(delta > 0, h6, torch.zeros_like(h6))
+    h6 = (h6 + 6.0 * shift.view(-1, 1, 1)).remainder(6.0)  # [m, H, W]
+    # HSV -> RGB: channel n = V - V*S*clamp(min(k, 4 - k), 0, 1), k = (n + h6) mod 6, n = 5, 3, 1 for R, G, B.
+    offs = x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+    k = (offs + h6[:, None]).remainder(6.0)  # [m, 3, H, W]
+    ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return maxc[:, None] - (maxc * sat)[:, None] * ramp
+
+
+def _to_float_chw(img: Image.Image | torch.Tensor | np.ndarray, channels: int) -> torch.Tensor:
+    """Convert an input image to float32 [C, H, W] in [0, 1] with the requested channel count."""
+    if isinstance(img, Image.Image):
+        want = "L" if channels == 1 else "RGB"
+        if img.mode != want:
+            img = img.convert(want)
+        arr = np.array(img, dtype=np.uint8)  # [H, W] or [H, W, 3]; a copy, so the tensor owns writable memory
+        t = torch.from_numpy(arr)
+        t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+        return t.float().div_(255.0)
+    t = torch.as_tensor(img)
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3:
+        raise ValueError(f"expected an image [C, H, W] or [H, W], got shape {tuple(t.shape)}")
+    t = t.float().div_(255.0) if t.dtype == torch.uint8 else t.float()
+    if t.shape[0] == channels:
+        return t
+    if t.shape[0] == 1 and channels == 3:
+        return t.expand(3, -1, -1)
+    if t.shape[0] == 3 and channels == 1:
+        return _gray(t[None])[0]
+    raise ValueError(f"cannot convert a {t.shape[0]}-channel image to {channels} channels")
+
+
+class MultiCropAugmentation:
+    """DINOv2 multi-crop: 2 global crops (also returned as the teacher's views) and ``local_crops_number``
+    local crops, each a normalised float32 tensor [C, size, size].
+
+    ``mean``/``std`` default to the ImageNet statistics for ``channels=3`` and the Fashion-MNIST ones for
+    ``channels=1``. With one channel, saturation, hue and random grayscale are no-ops. The blur kernel
+    follows :func:`blur_kernel_size` unless ``blur_kernel_size`` is given.
+
+    Call as ``aug(img, generator)``; without a generator the global torch RNG is used.
+    """
+
+    accepts_generator = True  # SSLDataset passes a per-sample generator instead of reseeding the global RNG
+
+    def __init__(
+        self,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        global_crops_scale: tuple[float, float] = (0.32, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        local_crops_number: int = 8,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        channels: int = 3,
+        flip_p: float = 0.5,
+        jitter_p: float = 0.8,
+        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        gray_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        blur_kernel_size: int | None = None,
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be >= 0, got {local_crops_number}")
+        if blur_kernel_size is not None and (blur_kernel_size < 1 or blur_kernel_size % 2 == 0):
+            raise ValueError(f"blur_kernel_size must be odd and positive, got {blur_kernel_size}")
+        if len(blur_p) != 3 or len(solarize_p) != 3:
+            raise ValueError("blur_p and solarize_p take 3 values: (global crop 1, global crop 2, local crops)")
+        for name, (lo, hi) in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        mean = mean if mean is not None else (FMNIST_MEAN if channels == 1 else IMAGENET_MEAN)
+        std = std if std is not None else (FMNIST_STD if channels == 1 else IMAGENET_STD)
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} values, got {len(mean)} and {len(std)}")
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
+        self.global_crops_scale = tuple(global_crops_scale)
+        self.local_crops_scale = tuple(local_crops_scale)
+        self.local_crops_number = int(local_crops_number)
+        self.channels = channels
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.flip_p = float(flip_p)
+        self.jitter_p = float(jitter_p)
+        self.jitter = tuple(float(j) for j in jitter)
+        self.gray_p = float(gray_p)
+        self.blur_p = tuple(float(p) for p in blur_p)
+        self.solarize_p = tuple(float(p) for p in solarize_p)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.blur_kernel_size = blur_kernel_size
+        self.log_ratio = (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
+        jb, jc, js, _ = self.jitter
+        self._jitter_lo = torch.tensor([1 - jb, 1 - jc, 1 - js]).clamp_min(0)  # [3]
+        self._jitter_span = torch.tensor([1 + jb, 1 + jc, 1 + js]) - self._jitter_lo
+        self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
+        self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+
+    # ------------------------------------------------------------------------------------ geometry
+
+    def _boxes(
+        self, height: int, width: int, n: int, scale: tuple[float, float], generator: torch.Generator | None
+    ) -> list[tuple[int, int, int, int]]:
+        """RandomResizedCrop boxes (top, left, h, w): up to 10 tries of (area, log-aspect), else centre crop."""
+        draws = torch.rand(n, _RRC_ATTEMPTS, 4, generator=generator).tolist()  # area, ratio, top, left
+        area = height * width
+        boxes = []
+        for attempts in draws:
+            for u_area, u_ratio, u_top, u_left in attempts:
+                target = area * (scale[0] + u_area * (scale[1] - scale[0]))
+                aspect = math.exp(self.log_ratio[0] + u_ratio * (self.log_ratio[1] - self.log_ratio[0]))
+                w = round(math.sqrt(target * aspect))
+                h = round(math.sqrt(target / aspect))
+                if 0 < w <= width and 0 < h <= height:
+                    top = min(int(u_top * (height - h + 1)), height - h)
+                    left = min(int(u_left * (width - w + 1)), width - w)
+                    boxes.append((top, left, h, w))
+                    break
+            else:  # fallback: largest centred crop with an aspect ratio inside the allowed range
+                in_ratio = width / height
+                lo, hi = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+                if in_ratio < lo:
+                    w, h = width, round(width / lo)
+                elif in_ratio > hi:
+                    w, h = round(height * hi), height
+                else:
+                    w, h = width, height
+                boxes.append(((height - h) // 2, (width - w) // 2, h, w))
+        return boxes
+
+    # ----------------------------------------------------------------------------------- one group
+
+    def _crop_group(
+        self,
+        x: torch.Tensor,
+        n: int,
+        size: int,
+        scale: tuple[float, float],
+        blur_p: torch.Tensor,
+        solarize_p: torch.Tensor,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Make ``n`` augmented crops [n, C, size, size] of x [C, H, W] (float in [0, 1])."""
+        _, height, width = x.shape
+        boxes = self._boxes(height, width, n, scale, generator)
+        u = torch.rand(n, _N_UNIFORMS, generator=generator)  # all per-crop random numbers of this group
+
+        flips = u[:, _U_FLIP] < self.flip_p  # [n]
+        if height * width <= _MATRIX_RESIZE_MAX_PIXELS:
+            # Small images: all crops of the group in two batched matmuls, flip folded into the matrices.
+            flip_list = flips.tolist()
+            rows = torch.stack([_window_matrix(t, h, height, size, False) for t, _, h, _ in boxes])  # [n, size, H]
+            cols = torch.stack(
+                [_window_matrix(lf, w, width, size, fl) for (_, lf, _, w), fl in zip(boxes, flip_list, strict=True)]
+            )  # [n, size, W]
+            out = rows[:, None] @ x[None] @ cols[:, None].transpose(-1, -2)  # [n, C, size, size]
+        else:
+            # Large images: a matmul would touch every pixel; interpolate each box separately instead.
+            crops = []
+            for (top, left, h, w), flip in zip(boxes, flips.tolist(), strict=True):
+                c = F.interpolate(
+                    x[None, :, top : top + h, left : left + w], size=(size, size), mode="bicubic",
+                    align_corners=False, antialias=True,
+                )
+                crops.append(c.flip(-1) if flip else c)
+            out = torch.cat(crops)  # [n, C, size, size]
+        out = out.clamp_(0.0, 1.0)  # bicubic overshoots
+
+        out = self._color_jitter(out, u)
+        if self.channels == 3 and self.gray_p > 0:
+            to_gray = (u[:, _U_GRAY] < self.gray_p).view(n, 1, 1, 1)
+            out = torch.where(to_gray, _gray(out).expand_as(out), out)
+        out = self._blur(out, u[:, _U_BLUR] < blur_p, u[:, _U_SIGMA])
+        sol = (u[:, _U_SOL] < solarize_p).view(n, 1, 1, 1)
+        out = torch.where(sol & (out >= _SOLARIZE_THRESHOLD), 1.0 - out, out)
+        return out.sub_(self._mean_t).div_(self._std_t)
+
+    def _color_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """torchvision-style ColorJitter with a random op order per crop, applied with prob ``jitter_p``.
+
+        Brightness, contrast and saturation are all blends ``clamp(a*x + b*mean(gray) + c*gray)``:
+        brightness (a=f), contrast (a=f, b=1-f), saturation (a=f, c=1-f), identity (a=1, b=c=0). So each
+        of the four order steps is one fused blend over the whole group (a crop whose op at that step is
+        hue, or that is not jittered, takes the identity); hue is applied to the crops whose hue step it is.
+        """
+        n = x.shape[0]
+        on = u[:, _U_JIT] < self.jitter_p  # [n]
+        if self.jitter_p <= 0 or not bool(on.any()):
+            return x
+        jb, jc, js, jh = self.jitter
+        rgb = self.channels == 3
+        lo, span = self._jitter_lo, self._jitter_span
+        f = lo + u[:, _U_BRI : _U_SAT + 1] * span  # [n, 3]: brightness, contrast, saturation factors
+        hue = (u[:, _U_HUE] * 2 - 1) * jh  # [n], in turns
+        op = u[:, _U_ORDER].argsort(dim=1).T  # [4, n]: op (0 bri, 1 con, 2 sat, 3 hue) per step and crop
+        op = torch.where(on, op, -1)
+        if not rgb:
+            op = torch.where(op >= 2, -1, op)  # saturation and hue do nothing to one channel
+        f_op = f.T.gather(0, op.clamp(0, 2))  # [4, n]: the factor of each step's op
+        a = torch.where((op >= 0) & (op <= 2), f_op, 1.0).view(4, n, 1, 1, 1)
+        b = torch.where(op == 1, 1 - f_op, 0.0).view(4, n, 1, 1, 1)
+        c = torch.where(op == 2, 1 - f_op, 0.0).view(4, n, 1, 1, 1)
+        blend_steps = ((op >= 0) & (op <= 2)).any(dim=1).tolist()
+        hue_steps = ((op == 3) & (hue != 0)).any(dim=1).tolist() if rgb else [False] * 4
+        for step in range(4):
+            if blend_steps[step]:
+                gray = _gray(x)  # [n, 1, H, W]
+                mix = torch.addcmul(b[step] * gray.mean(dim=(1, 2, 3), keepdim=True), x, a[step])
+                if rgb:
+                    mix = mix.addcmul_(c[step], gray)
+                x = mix.clamp_(0.0, 1.0)
+            if hue_steps[step]:
+                idx = ((op[step] == 3) & (hue != 0)).nonzero().flatten()
+                x = x.index_copy(0, idx, _shift_hue(x.index_select(0, idx), hue.index_select(0, idx)))
+        return x
+
+    def _blur(self, x: torch.Tensor, apply: torch.Tensor, u_sigma: torch.Tensor) -> torch.Tensor:
+        """Gaussian blur (sigma ~ U(blur_sigma)) on the crops where ``apply`` [n] is True."""
+        idx = apply.nonzero().flatten()
+        if idx.numel() == 0:
+            return x
+        size = x.shape[-1]
+        k = self.blur_kernel_size or blur_kernel_size(size)
+        lo, hi = self.blur_sigma
+        sigma = lo + u_sigma.index_select(0, idx) * (hi - lo)  # [m]
+        mat = _blur_matrices(sigma, size, k)[:, None]  # [m, 1, size, size]
+        blurred = mat @ x.index_select(0, idx) @ mat.transpose(-1, -2)  # [m, C, size, size]
+        return x.index_copy(0, idx, blurred)
+
+    # ---------------------------------------------------------------------------------------- call
+
+    def __call__(
+        self, img: Image.Image | torch.Tensor | np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        x = _to_float_chw(img, self.channels)  # [C, H, W]
+        g_blur = torch.tensor(self.blur_p[:2])
+        g_sol = torch.tensor(self.solarize_p[:2])
+        globals_ = self._crop_group(
+            x, 2, self.global_crops_size, self.global_crops_scale, g_blur, g_sol, generator
+        ).unbind(0)
+        locals_: tuple[torch.Tensor, ...] = ()
+        if self.local_crops_number > 0:
+            n = self.local_crops_number
+            locals_ = self._crop_group(
+                x, n, self.local_crops_size, self.local_crops_scale,
+                torch.full((n,), self.blur_p[2]), torch.full((n,), self.solarize_p[2]), generator,
+            ).unbind(0)
+        global_crops = list(globals_)
+        return {
+            "global_crops": global_crops,
+            "global_crops_teacher": list(globals_),  # DINOv2: the teacher sees the same two global views
+            "local_crops": list(locals_),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiCropAugmentation(global={self.global_crops_size}px x2 scale={self.global_crops_scale}, "
+            f"local={self.local_crops_size}px x{self.local_crops_number} scale={self.local_crops_scale}, "
+            f"channels={self.channels})"
+        )

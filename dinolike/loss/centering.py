@@ -1,0 +1,183 @@
+"""Teacher-target normalisation: DINO softmax centering and Sinkhorn-Knopp (SwAV / DINOv2).
+
+Both turn teacher prototype logits into target distributions that are not collapsed onto a few
+prototypes. Both are computed over the *global* batch (all ranks), so that the result does not depend on
+how a batch is split across processes; the only collectives used are `all_reduce` on the default group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+def _is_distributed() -> bool:
+    """True when collectives are needed (an initialised group with more than one rank)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fp32_at_least(x: Tensor) -> Tensor:
+    """Half / bfloat16 -> float32; float32 / float64 unchanged (float64 keeps tests exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _check_logits(logits: Tensor, temp: float, name: str) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"{name}: expected teacher logits of shape [N, K], got {tuple(logits.shape)}")
+    if not temp > 0:
+        raise ValueError(f"{name}: temperature must be > 0, got {temp}")
+
+
+class SoftmaxCenter(nn.Module):
+    """DINO centering: subtract an EMA of the teacher's mean logits before a sharp softmax.
+
+    Centering alone pushes towards uniform outputs and sharpening (low temperature) alone towards a
+    one-hot collapse; together they balance (DINO, Caron et al. 2021, sec. 3.1).
+
+    Order, as in DINO: at step t the targets use the centre of step t-1,
+        probs_t = softmax((x_t - c_{t-1}) / temp)
+    and only afterwards
+        c_t = m * c_{t-1} + (1 - m) * mean over every row of x_t on every rank.
+    The training loop must therefore call `probs(x, temp)` *before* `update(x)`.
+
+    Plain-loop version of `update` (x_r: the [N_r, K] teacher logits on rank r):
+        total = [0] * K;  count = 0
+        for r in ranks:
+            for n in range(N_r):
+                for k in range(K): total[k] += x_r[n, k]
+                count += 1
+        for k in range(K): c[k] = m * c[k] + (1 - m) * total[k] / count
+    Vectorised: one all_reduce of the concatenation [sum over rows (K values), N] so that ranks with
+    unequal N are averaged correctly; if no rank has any row, the centre is left unchanged.
+    """
+
+    center: Tensor
+
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        if out_dim <= 0:
+            raise ValueError(f"SoftmaxCenter: out_dim must be positive, got {out_dim}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"SoftmaxCenter: momentum must be in [0, 1], got {momentum}")
+        self.out_dim = out_dim
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))  # [1, K]
+
+    def extra_repr(self) -> str:
+        return f"out_dim={self.out_dim}, momentum={self.momentum}"
+
+    def _check(self, teacher_logits: Tensor) -> None:
+        if teacher_logits.ndim != 2 or teacher_logits.shape[1] != self.out_dim:
+            raise ValueError(
+                f"SoftmaxCenter: expected teacher logits [N, {self.out_dim}], "
+                f"got {tuple(teacher_logits.shape)}"
+            )
+
+    @torch.no_grad()
+    def probs(self, teacher_logits: Tensor, temp: float) -> Tensor:
+        """Centred, sharpened teacher targets [N, K] in float32 (uses the centre from *before* update)."""
+        self._check(teacher_logits)
+        _check_logits(teacher_logits, temp, "SoftmaxCenter.probs")
+        with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+            x = _fp32_at_least(teacher_logits)  # [N, K]
+            center = self.center.to(x.dtype)  # [1, K]
+            return torch.softmax((x - center) / temp, dim=-1)  # [N, K]
+
+    @torch.no_grad()
+    def update(self, teacher_logits: Tensor) -> None:
+        """EMA of the global batch mean of the teacher logits (synchronous all_reduce when distributed)."""
+        self._check(teacher_logits)
+        with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+            x = teacher_logits.detach().to(self.center.device, torch.float32)  # [N, K]
+            stats = torch.cat([x.sum(dim=0), x.new_full((1,), x.shape[0])])  # [K + 1]
+            if _is_distributed():
+                dist.all_reduce(stats)
+            batch_sum, count = stats[:-1], stats[-1]  # [K], []
+            batch_mean = (batch_sum / count.clamp_min(1.0)).unsqueeze(0)  # [1, K]
+            new_center = self.center * self.momentum + batch_mean * (1.0 - self.momentum)  # [1, K]
+            # torch.where rather than `if count > 0`: no host sync on GPU.
+            self.center.copy_(torch.where(count > 0, new_center, self.center))
+
+
+def _row_logsumexp_all_ranks(log_q: Tensor) -> Tensor:
+    """log(sum over samples of exp(log_q)) for each prototype, summed over all ranks: [N, K] -> [K].
+
+    Two-pass reduction (max, then sum of shifted exps) so it is exact and stable whatever the spread of
+    values across ranks; a rank with N == 0 still takes part in both collectives (no deadlock).
+    """
+    tiny = torch.finfo(log_q.dtype).min
+    local = torch.logsumexp(log_q, dim=0)  # [K]  (-inf where this rank has no mass / no rows)
+    if not _is_distributed():
+        return local.clamp_min(tiny)
+    shift = local.clone()  # [K]
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    shift = shift.clamp_min(tiny)  # all -inf -> finite, so exp(-inf - shift) = 0 and not nan
+    total = torch.exp(local - shift)  # [K]
+    dist.all_reduce(total)
+    return (shift + torch.log(total)).clamp_min(tiny)  # [K]
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: Tensor,
+    temp: float,
+    n_iters: int = 3,
+    n_rows_total: int | Tensor | None = None,
+) -> Tensor:
+    """Sinkhorn-Knopp teacher targets (SwAV, used by DINOv2 for both DINO and iBOT heads).
+
+    Finds Q close to softmax(logits / temp) whose prototype marginals are uniform over the *global*
+    batch, i.e. an equipartition of samples over prototypes, which prevents collapse without a centre.
+
+    Reference algorithm (Q is [K, N_local] per rank, N_total = rows over all ranks):
+        Q = exp(logits / temp).T
+        Q /= sum_all_ranks(Q)                         # total mass 1
+        for _ in range(n_iters):
+            for k in range(K):                          # prototypes: each gets mass 1/K
+                Q[k, :] /= sum_all_ranks(Q[k, :]) * K
+            for n in range(N_local):                    # samples: each gets mass 1/N_total
+                Q[:, n] /= sum(Q[:, n]) * N_total
+        return (Q * N_total).T                          # [N_local, K], every row sums to 1
+
+    Implementation: the same iterations in the log domain, on [N, K] without transposing. Each
+    normalisation is a subtraction of a (global) logsumexp, so nothing overflows or underflows even for
+    temp = 0.04, where exp(logits / temp) overflows float32 and a single global max-shift would flush
+    whole samples or prototypes to 0 (then 0/0 = nan). The initial "total mass 1" step only multiplies
+    Q by a scalar that the first prototype normalisation divides out, so it is skipped. Prototype sums
+    are taken across ranks with a max then a sum all_reduce (see `_row_logsumexp_all_ranks`); sample
+    normalisation is local. The result is exactly the reference algorithm's (up to rounding), and equal
+    to running it single-process on the concatenated batch.
+
+    Args:
+        teacher_logits: [N, K] local teacher logits (N may be 0 on some ranks; all ranks must call).
+        temp: teacher temperature (> 0).
+        n_iters: Sinkhorn iterations (>= 1; DINOv2 uses 3).
+        n_rows_total: global number of rows N_total, used as given (not reduced again). Default: N
+            summed over ranks with an all_reduce. iBOT passes the global count of masked patches.
+    Returns:
+        [N, K] float32 (float64 if the input is float64) targets whose rows sum to 1. Computed in fp32
+        even under autocast, without gradient.
+    """
+    _check_logits(teacher_logits, temp, "sinkhorn_knopp")
+    if n_iters < 1:
+        raise ValueError(f"sinkhorn_knopp: n_iters must be >= 1, got {n_iters}")
+    with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
+        log_q = _fp32_at_least(teacher_logits) / temp  # [N, K]
+        n_local, n_protos = log_q.shape
+        if n_rows_total is None:
+            n_total = torch.tensor(float(n_local), device=log_q.device, dtype=log_q.dtype)  # []
+            if _is_distributed():
+                dist.all_reduce(n_total)
+        else:
+            n_total = torch.as_tensor(n_rows_total, device=log_q.device, dtype=log_q.dtype)  # []
+        log_k = math.log(n_protos)
+        log_n = torch.log(n_total.clamp_min(1.0))  # []
+        tiny = torch.finfo(log_q.dtype).min
+        for _ in range(n_iters):
+            log_q = log_q - (_row_logsumexp_all_ranks(log_q) + log_k)  # prototypes: mass 1/K each
+            col_lse = torch.logsumexp(log_q, dim=1, keepdim=True).clamp_min(tiny)  # [N, 1]
+            log_q = log_q - (col_lse + log_n)  # samples: mass 1/N_total each
+        return torch.exp(log_q + log_n)  # [N, K], rows sum to 1

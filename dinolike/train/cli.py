@@ -1,0 +1,46 @@
+"""`dinolike train|distill --config FILE [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dinolike.config import ConfigError, load_config
+
+
+def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    command = argv[0]
+    p = argparse.ArgumentParser(prog=f"dinolike {command}", description=__doc__)
+    p.add_argument("--config", help="recipe yaml (a delta on configs/base.yaml)")
+    if command == "distill":
+        p.add_argument("--teacher", help="pretraining checkpoint of the frozen teacher (= distill.teacher)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return command, p.parse_args(argv[1:])
+
+
+def main(argv: list[str]) -> int:
+    command, args = parse(argv)
+    overrides = list(args.overrides)
+    if command == "distill":
+        if args.teacher:
+            overrides.append(f"distill.teacher={args.teacher}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"dinolike {command}: config error: {e}", file=sys.stderr)
+        return 2
+    if command == "distill" and not cfg.distill.teacher:
+        print("dinolike distill: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
+              file=sys.stderr)
+        return 2
+    from dinolike.train.loop import NonFiniteLossError, train
+    from dinolike.train.periodic_eval import final_knn
+
+    try:
+        status = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"dinolike {command}: {e}", file=sys.stderr)
+        return 1
+    if status == 0 and cfg.eval.final_knn:
+        final_knn(cfg)
+    return status

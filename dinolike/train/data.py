@@ -1,0 +1,50 @@
+"""From the `data:`, `crops:` and `masking:` config sections to the training data loader."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from dinolike import dist
+from dinolike.data.augment import MultiCropAugmentation
+from dinolike.data.collate import build_ssl_loader
+from dinolike.data.datasets import build_dataset
+from dinolike.data.masking import MaskSampler
+from dinolike.data.ssl_dataset import SSLDataset
+
+
+def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
+    c, d = cfg.crops, cfg.data
+    return MultiCropAugmentation(
+        global_crops_size=c.global_size,
+        local_crops_size=c.local_size,
+        global_crops_scale=tuple(c.global_scale),
+        local_crops_scale=tuple(c.local_scale),
+        local_crops_number=c.local_number,
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+        channels=d.channels,
+        flip_p=c.flip_p,
+        jitter_p=c.jitter_p,
+        jitter=tuple(c.jitter),
+        gray_p=c.gray_p,
+        blur_p=tuple(c.blur_p),
+        solarize_p=tuple(c.solarize_p),
+    )
+
+
+def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) -> DataLoader:
+    """Batches of global positions start_position, start_position + 1, ...: the position is the state."""
+    base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit)
+    grid = cfg.crops.global_size // cfg.model.patch_size
+    masks = MaskSampler((grid, grid), cfg.masking.probability, tuple(cfg.masking.ratio))
+    ds = SSLDataset(base, build_augmentation(cfg), seed=cfg.run.seed, mask_fn=masks)
+    return build_ssl_loader(
+        ds,
+        batch_size=cfg.data.batch_size,
+        start_position=start_position,
+        num_workers=cfg.data.num_workers,
+        rank=env.rank,
+        world_size=env.world_size,
+        pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
+    )

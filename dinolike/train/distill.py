@@ -1,0 +1,102 @@
+"""Distillation: a frozen pretrained teacher (backbone + heads) teaches one or several smaller students.
+
+As in the DINOv2 paper: the same DINO + iBOT (+ KoLeo) losses, the teacher is frozen instead of an EMA,
+a spare EMA of each student is the model we keep, and stochastic depth is off by default. With
+`masking.probability: 0` the iBOT loss is applied to every patch of the two global crops (the paper's
+"no masking" variant). Several students share one teacher forward per batch (as in DINOv3), which the
+official DINOv2 code cannot do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from dinolike.models import load_state_strict
+from dinolike.train.checkpoint import load_checkpoint
+from dinolike.train.method import Method
+from dinolike.train.optim import param_groups
+from dinolike.train.ssl import SSLMethod, SSLTargets, build_student, ssl_loss_terms
+
+
+def _teacher_config(cfg: DictConfig) -> DictConfig:
+    ckpt = load_checkpoint(cfg.distill.teacher)
+    tcfg = OmegaConf.create(json.loads(ckpt["config"]))
+    return tcfg, ckpt
+
+
+class DistillMethod(Method):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        tcfg, ckpt = _teacher_config(cfg)
+        # the students predict distributions over the teacher's prototypes: their heads follow its config
+        self.cfg = cfg = OmegaConf.merge(cfg, {"heads": tcfg.heads})
+        self.teacher = build_student(tcfg)
+        load_state_strict(self.teacher, ckpt["model"]["teacher"], what=f"teacher in {cfg.distill.teacher}")
+        self.teacher.requires_grad_(False).eval()
+        model_cfgs = [cfg.model] + [OmegaConf.merge(cfg.model, s) for s in cfg.distill.students]
+        self.students = nn.ModuleList(build_student(cfg, m) for m in model_cfgs)
+        self.student = self.students  # what the loop syncs gradients of
+        self.emas = copy.deepcopy(self.students).requires_grad_(False)
+        self.targets = SSLTargets(cfg)
+        self._model_cfgs = model_cfgs
+
+    def to(self, *args, **kwargs):  # the frozen teacher runs in bf16 on CUDA: half the memory and time
+        super().to(*args, **kwargs)
+        if next(self.teacher.parameters()).is_cuda and self.cfg.dist.mixed_precision == "bf16":
+            self.teacher.to(torch.bfloat16)
+        return self
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optim
+        groups = []
+        for i, s in enumerate(self.students):
+            for g in param_groups(s, s["backbone"].n_blocks, o.layerwise_decay, o.patch_embed_lr_mult):
+                g["names"] = [f"students.{i}.{n}" for n in g["names"]]
+                groups.append(g)
+        return groups
+
+    def _all_patch_batch(self, batch: dict) -> dict:
+        """No masking: iBOT targets on every patch token of the global crops, each crop weighing 1."""
+        masks = batch["masks"]  # [2B, N], all False
+        n = masks.shape[1]
+        return {
+            **batch,
+            "mask_indices": torch.arange(masks.numel(), device=masks.device),
+            "masks_weight": torch.full((masks.numel(),), 1.0 / n, device=masks.device),
+        }
+
+    def forward_loss(self, batch: dict, sched: dict[str, float]) -> tuple[Tensor, dict]:
+        if self.cfg.masking.probability == 0:
+            batch = self._all_patch_batch(batch)
+        t_out = SSLMethod.teacher_targets(self, self.teacher, batch, sched["teacher_temp"])  # one pass
+        total, metrics = 0.0, {}
+        for i, s in enumerate(self.students):
+            s.train()
+            loss, m = ssl_loss_terms(self.cfg, s, t_out, batch)
+            total = total + loss
+            prefix = "" if i == 0 else f"student{i}_"
+            metrics.update({prefix + k: v for k, v in m.items()})
+        metrics["loss"] = total
+        return total, metrics
+
+    @torch.no_grad()
+    def after_step(self, sched: dict[str, float]) -> None:
+        e = list(self.emas.parameters())
+        s = [p.detach() for p in self.students.parameters()]
+        torch._foreach_lerp_(e, s, 1.0 - sched["momentum"])
+
+    def kept_backbone(self) -> nn.Module:
+        return self.emas[0]["backbone"]
+
+    def extra_backbones(self) -> dict[str, tuple[nn.Module, DictConfig]]:
+        """Students beyond the first, exported as `student{i}_backbone.pth` next to the main one."""
+        return {f"student{i}": (self.emas[i]["backbone"], self._model_cfgs[i]) for i in range(1, len(self.emas))}
+
+
+    def checkpointed_parts(self) -> dict[str, nn.Module]:
+        return {"students": self.students, "emas": self.emas, "targets": self.targets}

@@ -1,0 +1,40 @@
+"""Stop requests from SLURM (SIGUSR2 before the time limit, SIGTERM on preemption) or a time budget.
+
+The handler only sets a flag; the loop finishes the iteration in flight, saves a checkpoint and returns
+EXIT_REQUEUE, so no state is ever saved from the middle of a step.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+EXIT_REQUEUE = 3  # `dinolike train` exit status: checkpoint saved after a stop request, requeue me
+
+
+class StopFlag:
+    def __init__(self, time_limit_min: float | None = None) -> None:
+        self.requested: str | None = None
+        self._deadline = time.monotonic() + 60 * time_limit_min if time_limit_min else None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test runner thread): no signals
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def should_stop(self) -> str | None:
+        if self.requested is None and self._deadline is not None and time.monotonic() > self._deadline:
+            self.requested = "time_limit"
+        return self.requested

@@ -1,0 +1,176 @@
+"""The DINOv2 pretraining method: student (backbone + heads) against an EMA teacher.
+
+A method is what the one training loop drives: `param_groups()`, `forward_loss(batch, sched) ->
+(loss, metrics)`, `after_step(sched)` and `kept_backbone()`. Distillation is another method
+(`distill.py`); the high-res phase is this method with another config and a checkpoint to start from.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dinolike.loss import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from dinolike.models import DINOHead, VisionTransformer, build_backbone
+from dinolike.train.method import Method
+from dinolike.train.optim import param_groups
+
+
+def build_student(cfg: DictConfig, model_cfg: DictConfig | None = None) -> nn.ModuleDict:
+    """Backbone + DINO head (+ untied iBOT head): keys `backbone.`, `dino_head.`, `ibot_head.` as in the
+    official training checkpoints."""
+    backbone = build_backbone(model_cfg if model_cfg is not None else cfg.model)
+    h = cfg.heads
+    parts: dict[str, nn.Module] = {
+        "backbone": backbone,
+        "dino_head": DINOHead(backbone.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers),
+    }
+    if h.ibot_separate_head:
+        parts["ibot_head"] = DINOHead(backbone.embed_dim, h.ibot_out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+    return nn.ModuleDict(parts)
+
+
+class SSLTargets(nn.Module):
+    """Teacher logits -> target distributions (Sinkhorn-Knopp or softmax with an EMA centre)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.mode = cfg.loss.centering
+        if self.mode not in ("sinkhorn_knopp", "softmax"):
+            raise ValueError(f"loss.centering must be sinkhorn_knopp or softmax, got {self.mode!r}")
+        h = cfg.heads
+        self.dino_center = SoftmaxCenter(h.out_dim, cfg.loss.center_momentum)
+        self.ibot_center = SoftmaxCenter(h.ibot_out_dim if h.ibot_separate_head else h.out_dim,
+                                         cfg.loss.center_momentum)
+
+    def dino(self, logits: Tensor, temp: float) -> Tensor:
+        return self._targets(logits, temp, self.dino_center)
+
+    def ibot(self, logits: Tensor, temp: float, n_total: Tensor | int | None = None) -> Tensor:
+        return self._targets(logits, temp, self.ibot_center, n_total)
+
+    def _targets(self, logits: Tensor, temp: float, center: SoftmaxCenter, n_total=None) -> Tensor:
+        if self.mode == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, n_iters=3, n_rows_total=n_total)
+        probs = center.probs(logits, temp)
+        center.update(logits)
+        return probs
+
+
+def ssl_loss_terms(
+    cfg: DictConfig,
+    student: nn.ModuleDict,
+    teacher_out: dict[str, Tensor],
+    batch: dict,
+) -> tuple[Tensor, dict[str, float]]:
+    """DINO (local and global crops), iBOT and KoLeo losses of `student` against teacher targets.
+
+    teacher_out: `dino` [2B, K] target probabilities of the teacher's global crops (crop-major) and
+    `ibot` [M, K] targets at the masked patches. Shared by pretraining and distillation.
+    """
+    lc = cfg.loss
+    g, loc = batch["global_crops"], batch["local_crops"]
+    B = g.shape[0] // 2
+    n_local = 0 if loc is None else loc.shape[0] // B
+    crops = [g] if loc is None else [g, loc]
+    masks = [batch["masks"]] + ([None] if loc is not None else [])
+    outs = student["backbone"].forward_features(crops, masks=masks)
+    g_cls = outs[0]["x_norm_clstoken"]  # [2B, D]
+    cls = torch.cat([g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else []))  # [(2 + n_local) B, D]
+    patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
+    use_ibot = lc.ibot_weight > 0
+    if use_ibot and "ibot_head" not in student:  # tied head: one head call over every token that needs it
+        logits = student["dino_head"](torch.cat([cls, patches]))
+        cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+    else:
+        cls_logits = student["dino_head"](cls)  # [(2 + n_local) B, K]
+        patch_logits = student["ibot_head"](patches) if use_ibot else None
+    K = cls_logits.shape[-1]
+    t_dino = teacher_out["dino"].view(2, B, -1)  # [2, B, K]
+    metrics: dict[str, Tensor] = {}
+    total = cls_logits.new_zeros(())
+    if lc.dino_weight > 0:
+        glob = dino_loss(cls_logits[: 2 * B].view(2, B, K), t_dino, lc.student_temp, ignore_diagonal=True)
+        metrics["dino_global_loss"] = glob
+        pairs_local = 2 * n_local
+        if n_local:
+            local = dino_loss(cls_logits[2 * B :].view(n_local, B, K), t_dino, lc.student_temp)
+            metrics["dino_local_loss"] = local
+        else:
+            local = glob.new_zeros(())
+        # every crop pair weighs the same (DINOv2 also doubles the 2 global pairs)
+        dino = (local * pairs_local + glob * 2 * 2) / (pairs_local + 2)
+        total = total + lc.dino_weight * dino
+    if use_ibot:
+        ib = ibot_loss(patch_logits, teacher_out["ibot"], batch["masks_weight"], 2 * B, lc.student_temp)
+        metrics["ibot_loss"] = ib
+        total = total + lc.ibot_weight * ib
+    if lc.koleo_weight > 0:
+        ko = sum(koleo_loss(c) for c in g_cls.chunk(2))  # per global crop, per rank
+        metrics["koleo_loss"] = ko
+        total = total + lc.koleo_weight * ko
+    metrics["loss"] = total
+    return total, metrics
+
+
+class SSLMethod(Method):
+    """DINOv2 pretraining: the teacher is an EMA of the student and is what we keep."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = build_student(cfg)
+        if cfg.model.pretrained_weights:  # continued pretraining: the teacher starts there too
+            from dinolike.interop.official import load_backbone_weights
+
+            load_backbone_weights(self.student["backbone"], cfg.model.pretrained_weights)
+        self.teacher = copy.deepcopy(self.student)
+        for m in self.teacher.modules():  # the teacher never drops paths
+            if hasattr(m, "drop_path"):
+                m.drop_path = 0.0
+        self.teacher.requires_grad_(False)
+        self.targets = SSLTargets(cfg)
+
+    def param_groups(self) -> list[dict]:
+        o = self.cfg.optim
+        return param_groups(self.student, self.student["backbone"].n_blocks, o.layerwise_decay,
+                            o.patch_embed_lr_mult)
+
+    @torch.no_grad()
+    def teacher_targets(self, teacher: nn.ModuleDict, batch: dict, temp: float) -> dict[str, Tensor]:
+        teacher.eval()
+        out = teacher["backbone"].forward_features(batch["global_crops_teacher"])
+        cls = out["x_norm_clstoken"]  # [2B, D]
+        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
+        use_ibot = self.cfg.loss.ibot_weight > 0
+        if use_ibot and "ibot_head" not in teacher:
+            logits = teacher["dino_head"](torch.cat([cls, patches]))
+            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
+        else:
+            cls_logits = teacher["dino_head"](cls)
+            patch_logits = teacher["ibot_head"](patches) if use_ibot else None
+        targets = {"dino": self.targets.dino(cls_logits.float(), temp)}
+        if use_ibot:
+            targets["ibot"] = self.targets.ibot(patch_logits.float(), temp)
+        return targets
+
+    def forward_loss(self, batch: dict, sched: dict[str, float]) -> tuple[Tensor, dict]:
+        self.student.train()
+        t_out = self.teacher_targets(self.teacher, batch, sched["teacher_temp"])
+        return ssl_loss_terms(self.cfg, self.student, t_out, batch)
+
+    @torch.no_grad()
+    def after_step(self, sched: dict[str, float]) -> None:
+        """teacher <- m * teacher + (1 - m) * student, on whatever (local shard) tensors the params hold."""
+        t = [p for p in self.teacher.parameters()]
+        s = [p.detach() for p in self.student.parameters()]
+        torch._foreach_lerp_(t, s, 1.0 - sched["momentum"])
+
+    def kept_backbone(self) -> VisionTransformer:
+        return self.teacher["backbone"]
+
+    def checkpointed_parts(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher, "targets": self.targets}

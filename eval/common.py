@@ -1,0 +1,458 @@
+"""Shared plumbing of the eval commands: arguments, config, model + dataset + transform, result files.
+
+Every protocol command (knn, linear, logreg) is `parse -> EvalSetup.from_args -> features -> protocol
+-> EvalSetup.finish`, so the three commands accept the same flags and write results the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eval.features import FeatureSet, cached_features, dataset_fingerprint, dist_info, extract_features
+
+log = logging.getLogger(__name__)
+
+PIXELS = "pixels"
+RANDOM = "random"
+
+# Fashion-MNIST statistics: the fallback for 1-channel data when the run config has no data.mean/std
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# The eval section of the config: every value can be overridden with `eval.<key>=...` on the command line.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "eval": {
+        "batch_size": 256,
+        "num_workers": 2,
+        "resolution": None,  # crop size; None: crops.global_size of the run, else 28 for fmnist, else 224
+        "resize": None,  # shorter side before the crop; None: crop for small images, crop*256/224 otherwise
+        "n_last_blocks": 4,  # CLS tokens stored per image (the linear grid uses the last 1 and 4)
+        "seed": 0,
+        "knn": {"ks": [10, 20, 100, 200], "temperature": 0.07, "chunk": 1024},
+        "linear": {
+            # DINOv2's grid; each lr is scaled by batch_size / 256
+            "lrs": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1],
+            "n_last_blocks": [1, 4],
+            "avgpool": [False, True],
+            "epochs": 10,
+            "batch_size": 256,
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "val_fraction": 0.1,
+        },
+        "logreg": {
+            "cs": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
+            "max_iter": 1000,
+            "val_fraction": 0.1,
+            "standardize": True,
+            "backend": "auto",  # auto: cuML when importable and a GPU is present, else scikit-learn
+        },
+    }
+}
+
+
+class EvalError(Exception):
+    """A user-facing problem (bad flag, bad checkpoint, bad dataset): printed without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------ args
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by every protocol command."""
+    p.add_argument(
+        "--pretrained",
+        required=True,
+        help="checkpoint (training ckpt, exported or official DINOv2 backbone .pth), "
+        "'pixels' (raw-pixel baseline) or 'random' (randomly initialised model of --config)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="run config YAML or arch preset (vit_small, ...); default: config.yaml next to the checkpoint",
+    )
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"], help="weights in a ckpt")
+    p.add_argument(
+        "--train-dataset", default="fmnist:train", help="fmnist:train | folder:DIR | manifest:FILE"
+    )
+    p.add_argument("--val-dataset", default="fmnist:test", help="evaluation set, same spec syntax")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N train items")
+    p.add_argument("--limit-val", type=int, default=None, help="use only the first N eval items")
+    p.add_argument("--output-dir", default=None, help="where results.json/results.md go")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="feature cache (default: $DINOLIKE_FEATURE_CACHE or ~/.cache/dinolike/features)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="always re-extract features")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("opts", nargs="*", default=[], help="omegaconf overrides, e.g. eval.knn.temperature=0.1")
+
+
+def run_cli(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None
+) -> int:
+    """Parse, run, and turn expected failures into a one-line error with exit code 2."""
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _find_run_config(pretrained: str) -> Path | None:
+    """config.yaml of the run a checkpoint came from (runs/X/teacher_backbone.pth, runs/X/checkpoints/..)."""
+    p = Path(pretrained).resolve()
+    for d in (p.parent, p.parent.parent):
+        if (d / "config.yaml").is_file():
+            return d / "config.yaml"
+    return None
+
+
+def _check_override_keys(cfg: DictConfig, opts: Sequence[str]) -> None:
+    """A mistyped override must fail loudly, not evaluate with the default (names the closest key)."""
+    import difflib
+
+    known: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k, v in node.items():
+            known.append(prefix + str(k))
+            if isinstance(v, DictConfig):
+                walk(v, f"{prefix}{k}.")
+
+    walk(cfg, "")
+    for o in opts:
+        key, eq, _ = o.partition("=")
+        if not eq:
+            raise EvalError(f"overrides must be key=value, got {o!r}")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise EvalError(f"unknown config key '{key}' on the command line{hint}")
+
+
+def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> tuple[DictConfig, bool]:
+    """EVAL_DEFAULTS <- run config <- command-line overrides; returns (config, has_model_config).
+
+    The run config is `--config` (a recipe/run YAML or an arch preset on top of configs/base.yaml), else
+    the config.yaml of the run the checkpoint lives in. Without either, a checkpoint's architecture comes
+    from the checkpoint itself (has_model_config False), and the pixel baseline needs no model at all.
+    """
+    from dinolike.config import ConfigError, load_config
+
+    path, preset = None, None
+    if config is not None:
+        if os.path.isfile(config):
+            path = config
+        elif config.endswith((".yaml", ".yml")) or os.sep in config:
+            raise EvalError(f"config file not found: {config}")
+        else:
+            preset = config
+    elif pretrained not in (PIXELS, RANDOM):
+        found = _find_run_config(pretrained)
+        path = str(found) if found is not None else None
+    has_model = path is not None or preset is not None
+    if pretrained == RANDOM and not has_model:
+        raise EvalError("--pretrained random needs --config (a run config or an arch preset)")
+    if not has_model and pretrained == PIXELS:
+        run_cfg = OmegaConf.create({})
+    else:
+        try:
+            run_cfg = load_config(path, [f"model.arch={preset}"] if preset else None)
+        except ConfigError as e:
+            raise EvalError(str(e)) from e
+        OmegaConf.set_struct(run_cfg, False)
+        if not has_model:
+            run_cfg.pop("model")  # the schema's default model says nothing about this checkpoint
+    cfg = OmegaConf.merge(OmegaConf.create(EVAL_DEFAULTS), run_cfg)
+    _check_override_keys(cfg, opts)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(opts)))
+    except Exception as e:  # omegaconf raises its own error types for malformed overrides
+        raise EvalError(f"bad override {list(opts)}: {e}") from e
+    return cfg, has_model
+
+
+def _cfg_get(cfg: DictConfig, dotted: str, default: Any = None) -> Any:
+    val = OmegaConf.select(cfg, dotted, default=default)
+    return default if val is None else val
+
+
+def data_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Normalisation from the run config's data section, falling back to FMNIST (1 ch) / ImageNet (3 ch)."""
+    mean, std = _cfg_get(cfg, "data.mean"), _cfg_get(cfg, "data.std")
+    if mean is None or std is None:
+        mean, std = (FMNIST_MEAN, FMNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) == 1 and channels > 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise EvalError(
+            f"data.mean/std have {len(mean)}/{len(std)} values but the model takes {channels} channels; "
+            "set data.mean=[...] data.std=[...] on the command line"
+        )
+    return mean, std
+
+
+def eval_sizes(cfg: DictConfig, dataset_spec: str, patch_size: int | None) -> tuple[int, int]:
+    """(resize, crop) of the eval transform; the crop is rounded up to a multiple of the patch size."""
+    res = _cfg_get(cfg, "eval.resolution") or _cfg_get(cfg, "crops.global_size")
+    if res is None:
+        res = 28 if dataset_spec.startswith("fmnist") else 224
+    res = int(res)
+    if patch_size:
+        rounded = math.ceil(res / patch_size) * patch_size
+        if rounded != res:
+            log.info("eval resolution %d is not a multiple of patch %d: using %d", res, patch_size, rounded)
+        res = rounded
+    resize = _cfg_get(cfg, "eval.resize")
+    if resize is None:
+        resize = res if res <= 64 else round(res * 256 / 224)
+    return int(resize), res
+
+
+def build_eval_transform(
+    resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Any], torch.Tensor]:
+    """Resize shorter side -> center crop -> tensor -> normalise (the standard eval preprocessing)."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(crop),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def load_backbone(
+    pretrained: str, cfg: DictConfig, which: str, has_model_cfg: bool = True
+) -> tuple[torch.nn.Module | None, DictConfig]:
+    """The frozen backbone for `pretrained` (None for the pixel baseline) and the config it was built with."""
+    if pretrained == PIXELS:
+        return None, cfg
+    from dinolike.models import build_backbone, load_pretrained
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if has_model_cfg and "model" in cfg else None
+    if pretrained == RANDOM:
+        if model_cfg is None:
+            raise EvalError("--pretrained random needs --config (a run config or an arch preset)")
+        torch.manual_seed(int(cfg.eval.seed))
+        try:
+            model = build_backbone(model_cfg, drop_path=False)
+        except (ValueError, TypeError) as e:
+            raise EvalError(f"cannot build model from {model_cfg}: {e}") from e
+        return model.eval(), cfg
+    if not os.path.isfile(pretrained):
+        raise EvalError(f"checkpoint not found: {pretrained}")
+    try:
+        model, got_cfg = load_pretrained(pretrained, model_cfg=model_cfg, which=which)
+    except (KeyError, RuntimeError, ValueError, OSError) as e:  # strict loading lists offending keys
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise EvalError(f"cannot load {pretrained}: {msg}") from e
+    cfg.model = OmegaConf.create({k: v for k, v in dict(got_cfg).items()})
+    return model, cfg
+
+
+def model_channels(model: torch.nn.Module, cfg: DictConfig) -> int:
+    """Input channels the backbone expects (from its patch embedding; the config as a fallback)."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    if isinstance(proj, torch.nn.Conv2d):
+        return int(proj.in_channels)
+    return int(_cfg_get(cfg, "model.in_chans", 3))
+
+
+def source_fingerprint(pretrained: str, cfg: DictConfig, which: str) -> dict[str, Any]:
+    """What identifies the feature extractor in the cache key."""
+    from eval.features import _path_fingerprint
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
+    if pretrained == PIXELS:
+        return {"source": PIXELS}
+    if pretrained == RANDOM:
+        return {"source": RANDOM, "seed": int(cfg.eval.seed), "model": model_cfg}
+    return {"source": "ckpt", "which": which, "file": _path_fingerprint(pretrained), "model": model_cfg}
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DINOLIKE_FEATURE_CACHE", os.path.expanduser("~/.cache/dinolike/features"))
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Rows of equal keys -> a GitHub markdown table (floats with 2 decimals)."""
+    if not rows:
+        return ""
+    cols = list(rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.2g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    out_dir: str | Path, payload: Mapping[str, Any], title: str, rows: Sequence[Mapping]
+) -> str:
+    """Write results.json and results.md into out_dir; returns the markdown text."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, out / "results.json")
+    md = f"### {title}\n\n{markdown_table(rows)}\n"
+    (out / "results.md").write_text(md)
+    return md
+
+
+class EvalSetup:
+    """Everything a protocol needs once the command line is parsed: config, model, features, output."""
+
+    def __init__(self, args: argparse.Namespace, cfg: DictConfig, model: torch.nn.Module | None):
+        self.args, self.cfg, self.model = args, cfg, model
+        self.t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.cache_hits: dict[str, bool] = {}
+        if args.device:
+            self.device = args.device
+        else:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if model is None:
+            fallback = 1 if args.train_dataset.startswith("fmnist") else 3
+            self.channels = int(_cfg_get(cfg, "data.channels", fallback))
+            self.patch_size = None
+        else:
+            self.channels = model_channels(model, cfg)
+            self.patch_size = int(model.patch_size)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalSetup:
+        cfg, has_model = resolve_config(args.pretrained, args.config, args.opts)
+        model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
+        return cls(args, cfg, model)
+
+    @staticmethod
+    def timer() -> Callable[[], float]:
+        t = time.perf_counter()
+        return lambda: time.perf_counter() - t
+
+    def features(self, spec: str, limit: int | None) -> FeatureSet:
+        """Features of dataset `spec` (first `limit` items), from the cache when an identical pass exists."""
+        from dinolike.data.datasets import build_dataset
+
+        resize, crop = eval_sizes(self.cfg, spec, self.patch_size)
+        mean, std = data_stats(self.cfg, self.channels)
+        n_last = int(self.cfg.eval.n_last_blocks)
+        key = {
+            "extractor": source_fingerprint(self.args.pretrained, self.cfg, self.args.which),
+            "dataset": dataset_fingerprint(spec),
+            "limit": limit,
+            "channels": self.channels,
+            "resize": resize,
+            "crop": crop,
+            "mean": mean,
+            "std": std,
+            "n_last_blocks": n_last if self.model is not None else 1,
+        }
+
+        def compute() -> FeatureSet:
+            try:
+                ds = build_dataset(spec, channels=self.channels, limit=limit)
+            except (FileNotFoundError, ValueError, KeyError) as e:
+                raise EvalError(f"cannot build dataset {spec!r}: {e}") from e
+            return extract_features(
+                self.model,
+                ds,
+                build_eval_transform(resize, crop, mean, std),
+                channels=self.channels,
+                mean=mean,
+                std=std,
+                resolution=crop,
+                resize=resize,
+                n_last_blocks=n_last,
+                batch_size=int(self.cfg.eval.batch_size),
+                num_workers=int(self.cfg.eval.num_workers),
+                device=self.device,
+                progress=not self.args.no_progress,
+                desc=f"features {spec}",
+            )
+
+        cache_dir = None if self.args.no_cache else (self.args.cache_dir or default_cache_dir())
+        t = self.timer()
+        feats, hit = cached_features(cache_dir, key, compute)
+        self.timings[f"features[{spec}]"] = t()
+        self.cache_hits[spec] = hit
+        self.resolution = crop
+        return feats
+
+    @staticmethod
+    def num_classes(*sets: FeatureSet) -> int:
+        return int(max(int(s.labels.max().item()) for s in sets)) + 1
+
+    def finish(
+        self,
+        protocol: str,
+        metrics: Mapping[str, Any],
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        extra: Mapping[str, Any] | None = None,
+        train: FeatureSet,
+        test: FeatureSet,
+    ) -> dict[str, Any]:
+        """Write results.json + results.md (rank 0 only), print the table, return the payload."""
+        out_dir = self.args.output_dir or os.path.join("outputs", "eval", protocol)
+        payload: dict[str, Any] = {
+            "protocol": protocol,
+            "pretrained": self.args.pretrained,
+            "which": self.args.which,
+            "train_dataset": self.args.train_dataset,
+            "val_dataset": self.args.val_dataset,
+            "n_train": len(train),
+            "n_test": len(test),
+            "skipped": {"train": train.skipped, "test": test.skipped},
+            "resolution": getattr(self, "resolution", None),
+            "feature_dim": int(train.cls.shape[-1]),
+            "metrics": dict(metrics),
+            **dict(extra or {}),
+            "feature_cache_hits": self.cache_hits,
+            "timings_s": {**self.timings, "total": time.perf_counter() - self.t0},
+            "config": OmegaConf.to_container(self.cfg.eval, resolve=True),
+            "model": OmegaConf.to_container(self.cfg.model, resolve=True) if "model" in self.cfg else None,
+        }
+        rank, _ = dist_info()
+        if rank == 0:
+            title = f"{protocol} — {self.args.pretrained} on {self.args.val_dataset}"
+            md = write_results(out_dir, payload, title, rows)
+            print(md)
+        return payload

@@ -1,0 +1,277 @@
+"""DINOv2-style linear probe: a whole grid of linear heads trained at once on frozen features.
+
+Grid = learning rates x {last 1, last 4 blocks} x {CLS, CLS + avg-pooled patch tokens}. All heads of one
+input kind share a single [D_in, H*C] weight matrix, so one matmul trains every learning rate together;
+the best head is chosen on a validation split held out from train and only then measured on the test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eval.features import FeatureSet
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """Which features a head reads: CLS tokens of the last n blocks, optionally + pooled patch tokens."""
+
+    n_last_blocks: int
+    avgpool: bool
+
+    @property
+    def name(self) -> str:
+        return f"blocks{self.n_last_blocks}{'_avgpool' if self.avgpool else ''}"
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Random (seeded) disjoint index sets: the validation part is used only to pick hyperparameters."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise ValueError(f"train set of {n} items is too small to hold out a validation split")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def head_kinds(feats: FeatureSet, n_last_blocks: Sequence[int], avgpool: Sequence[bool]) -> list[HeadKind]:
+    """The grid's input kinds that these features support (raw pixels: one block, no patch tokens)."""
+    kinds = []
+    for n in sorted({min(int(n), feats.n_blocks) for n in n_last_blocks}):
+        for a in sorted({bool(a) for a in avgpool}):
+            if a and feats.patch_mean is None:
+                continue
+            kinds.append(HeadKind(n, a))
+    if not kinds:
+        raise ValueError("no usable head kind for these features")
+    return kinds
+
+
+def _topk_correct(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-head correct counts: logits [H, B, C], y [B] -> (top1 [H], top5 [H])."""
+    k = min(5, logits.shape[-1])
+    pred = logits.topk(k, dim=-1).indices  # [H, B, k]
+    hit = pred == y.view(1, -1, 1)  # [H, B, k]
+    return hit[..., 0].sum(dim=1), hit.any(dim=-1).sum(dim=1)
+
+
+class _HeadBank:
+    """H linear heads (one per learning rate) over the same input: W [D_in, H, C], b [H, C]."""
+
+    def __init__(self, d_in: int, n_heads: int, n_classes: int, gen: torch.Generator, device: torch.device):
+        # DINOv2 initialises linear heads with N(0, 0.01) weights and zero bias
+        w = torch.randn(d_in, n_heads, n_classes, generator=gen) * 0.01
+        self.w = w.to(device).requires_grad_()
+        self.b = torch.zeros(n_heads, n_classes, device=device, requires_grad=True)
+        self.bufs = [torch.zeros_like(self.w), torch.zeros_like(self.b)]
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x [B, D_in] -> logits [H, B, C] for every head with one matmul."""
+        d_in, h, c = self.w.shape
+        out = (x @ self.w.reshape(d_in, h * c)).view(x.shape[0], h, c) + self.b  # [B, H, C]
+        return out.transpose(0, 1)
+
+    @torch.no_grad()
+    def sgd_step(self, lrs: Tensor, momentum: float, weight_decay: float) -> None:
+        """SGD with momentum, each head with its own learning rate (lrs [H])."""
+        for p, buf, lr in (
+            (self.w, self.bufs[0], lrs.view(1, -1, 1)),
+            (self.b, self.bufs[1], lrs.view(-1, 1)),
+        ):
+            g = p.grad
+            if weight_decay:
+                g = g.add(p, alpha=weight_decay)
+            buf.mul_(momentum).add_(g)
+            p.sub_(lr * buf)
+            p.grad = None
+
+
+def linear_probe(
+    train: FeatureSet,
+    test: FeatureSet,
+    *,
+    lrs: Sequence[float] = (1e-4, 1e-3, 1e-2, 0.1),
+    n_last_blocks: Sequence[int] = (1, 4),
+    avgpool: Sequence[bool] = (False, True),
+    epochs: int = 10,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Train every (lr, input kind) head with cross-entropy, SGD + cosine decay; report the best one.
+
+    Loss per head: CE(W^T x + b, y) = -log softmax(W^T x + b)_y averaged over the batch; the heads'
+    losses are summed, which leaves each head's gradient exactly its own. Learning rates are scaled by
+    batch_size / 256 (DINOv2). Accuracies are percentages.
+    """
+    device = torch.device(device)
+    if num_classes is None:
+        num_classes = int(max(train.labels.max().item(), test.labels.max().item())) + 1
+    tr_idx, va_idx = split_train_val(len(train), val_fraction, seed)
+    kinds = head_kinds(train, n_last_blocks, avgpool)
+    lr_t = torch.tensor([float(lr) * batch_size / 256.0 for lr in lrs], device=device)  # [H]
+    gen = torch.Generator().manual_seed(seed)
+    cls_all = train.cls.to(device)  # [N, L, D]
+    pm_all = train.patch_mean.to(device) if train.patch_mean is not None else None
+    y_all = train.labels.to(device)
+
+    def inputs(cls: Tensor, pm: Tensor | None, kind: HeadKind) -> Tensor:
+        parts = [cls[:, -kind.n_last_blocks :].flatten(1)]  # [B, n*D]
+        if kind.avgpool:
+            parts.append(pm)  # [B, D]
+        return torch.cat(parts, dim=1).float()
+
+    d = train.cls.shape[-1]
+    banks = {
+        k: _HeadBank(k.n_last_blocks * d + (d if k.avgpool else 0), len(lrs), num_classes, gen, device)
+        for k in kinds
+    }
+    steps_per_epoch = math.ceil(len(tr_idx) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    step = 0
+    for _ in range(epochs):
+        order = tr_idx[torch.randperm(len(tr_idx), generator=gen)].to(device)
+        for s in range(steps_per_epoch):
+            idx = order[s * batch_size : (s + 1) * batch_size]
+            cls_b, y = cls_all[idx], y_all[idx]
+            pm_b = pm_all[idx] if pm_all is not None else None
+            scale = 0.5 * (1.0 + math.cos(math.pi * step / total))  # cosine decay to 0
+            for kind, bank in banks.items():
+                logits = bank.logits(inputs(cls_b, pm_b, kind))  # [H, B, C]
+                h = logits.shape[0]
+                loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(h)) * h
+                loss.backward()
+                bank.sgd_step(lr_t * scale, momentum, weight_decay)
+            step += 1
+
+    @torch.no_grad()
+    def evaluate(feats: FeatureSet, rows: Tensor | None) -> dict[HeadKind, tuple[Tensor, Tensor, int]]:
+        res: dict[HeadKind, tuple[Tensor, Tensor, int]] = {}
+        n = len(feats) if rows is None else len(rows)
+        for kind, bank in banks.items():
+            c1 = torch.zeros(len(lrs), dtype=torch.long, device=device)
+            c5 = torch.zeros_like(c1)
+            for start in range(0, n, 4096):
+                sel = (
+                    torch.arange(start, min(start + 4096, n)) if rows is None else rows[start : start + 4096]
+                )
+                cls_b = feats.cls[sel].to(device)
+                pm_b = feats.patch_mean[sel].to(device) if feats.patch_mean is not None else None
+                t1, t5 = _topk_correct(bank.logits(inputs(cls_b, pm_b, kind)), feats.labels[sel].to(device))
+                c1 += t1
+                c5 += t5
+            res[kind] = (c1, c5, n)
+        return res
+
+    val = evaluate(train, va_idx)
+    heads = []
+    for kind, (c1, _, n) in val.items():
+        for i, lr in enumerate(lrs):
+            heads.append(
+                {
+                    "head": f"{kind.name}_lr{lr:g}",
+                    "n_last_blocks": kind.n_last_blocks,
+                    "avgpool": kind.avgpool,
+                    "lr": float(lr),
+                    "val_top1": 100.0 * c1[i].item() / n,
+                }
+            )
+    best_i = max(range(len(heads)), key=lambda i: heads[i]["val_top1"])  # first maximum wins ties
+    best = heads[best_i]
+    best_kind = HeadKind(best["n_last_blocks"], best["avgpool"])
+    lr_pos = [float(x) for x in lrs].index(best["lr"])
+    t1, t5, nt = evaluate(test, None)[best_kind]
+    return {
+        "test_top1": 100.0 * t1[lr_pos].item() / nt,
+        "test_top5": 100.0 * t5[lr_pos].item() / nt,
+        "val_top1": best["val_top1"],
+        "best_head": best["head"],
+        "best_lr": best["lr"],
+        "best_n_last_blocks": best["n_last_blocks"],
+        "best_avgpool": best["avgpool"],
+        "n_fit": len(tr_idx),
+        "n_val": len(va_idx),
+        "heads": heads,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eval.common import add_common_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m eval.linear",
+        description="DINOv2-style linear probe (grid of heads; best chosen on a held-out split of train).",
+    )
+    add_common_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    from eval.common import EvalSetup
+
+    setup = EvalSetup.from_args(args)
+    lc = setup.cfg.eval.linear
+    train, test = (
+        setup.features(args.train_dataset, args.limit_train),
+        setup.features(args.val_dataset, args.limit_val),
+    )
+    t = setup.timer()
+    res = linear_probe(
+        train,
+        test,
+        lrs=[float(x) for x in lc.lrs],
+        n_last_blocks=[int(x) for x in lc.n_last_blocks],
+        avgpool=[bool(x) for x in lc.avgpool],
+        epochs=int(lc.epochs),
+        batch_size=int(lc.batch_size),
+        momentum=float(lc.momentum),
+        weight_decay=float(lc.weight_decay),
+        val_fraction=float(lc.val_fraction),
+        seed=int(setup.cfg.eval.seed),
+        num_classes=setup.num_classes(train, test),
+        device=setup.device,
+    )
+    heads = res.pop("heads")
+    # one table row per input kind: its best learning rate on the validation split
+    rows = []
+    for kind in sorted({(h["n_last_blocks"], h["avgpool"]) for h in heads}):
+        hk = [h for h in heads if (h["n_last_blocks"], h["avgpool"]) == kind]
+        b = max(hk, key=lambda h: h["val_top1"])
+        chosen = b["head"] == res["best_head"]
+        rows.append(
+            {
+                "blocks": kind[0],
+                "avgpool": kind[1],
+                "best lr": b["lr"],
+                "val top1": b["val_top1"],
+                "test top1": res["test_top1"] if chosen else "",
+                "test top5": res["test_top5"] if chosen else "",
+            }
+        )
+    return setup.finish(
+        "linear", res, rows, extra={"heads": heads, "protocol_seconds": t()}, train=train, test=test
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from eval.common import run_cli
+
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
