@@ -86,7 +86,7 @@ class PixelEmbedder:
     channels = 1
 
     def __init__(
-        self, size: int = 14, sigma_fine: float = 0.7, sigma_coarse: float = 2.0, work_size: int = 28,
+        self, size: int = 14, sigma_fine: float = 1.0, sigma_coarse: float = 3.0, work_size: int = 28,
         align: bool = True,
     ) -> None:
         if not 0 < sigma_fine < sigma_coarse:

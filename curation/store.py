@@ -140,5 +140,6 @@ class ShardSet:
                 labels.append(int(lab))
             with open(self.marker(i), encoding="utf-8") as f:
                 skipped.extend(json.load(f)["skipped"])
+        embs = [e for e in embs if e.shape[0]]  # a shard whose images were all unreadable has no rows
         emb = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
         return emb, names, np.asarray(labels, dtype=np.int64), skipped

@@ -73,7 +73,7 @@ def knn_eval(
 
     For test feature q and its k nearest train features x_i (cosine similarity s_i = <q, x_i> after
     L2 normalisation), class c gets the score  sum_i exp(s_i / T) * [y_i == c];  the prediction is
-    the arg-max (top-1) or the 5 best classes (top-5). Memory is bounded by chunk x train_chunk floats.
+    the arg-max (top-1) or the 5 best classes that received votes (top-5). Memory is bounded by chunk x train_chunk floats.
 
     Returns {"k10_top1": ..., "k10_top5": ..., ...} for every k in ks (k is capped at the train size).
     """
@@ -110,8 +110,10 @@ def knn_eval(
             kk = min(k, max_k)
             scores = weights.new_zeros((q.shape[0], num_classes))  # [T, C]
             scores.scatter_add_(1, neigh_labels[:, :kk], weights[:, :kk])
-            pred = scores.topk(n_top5, dim=1).indices  # [T, 5]
-            hit = pred == y.unsqueeze(1)  # [T, 5]
+            top_s, pred = scores.topk(n_top5, dim=1)  # [T, 5]
+            # a class without a single vote is not a prediction (with k < 5 the rest of the top-5
+            # would otherwise be arbitrary zero-score classes that could "hit" by luck)
+            hit = (pred == y.unsqueeze(1)) & (top_s > 0)  # [T, 5]
             correct1[k] += int(hit[:, 0].sum().item())
             correct5[k] += int(hit.any(dim=1).sum().item())
     n = test_feats.shape[0]

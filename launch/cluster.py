@@ -332,6 +332,7 @@ def write_configs(
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         "SchedulerType=sched/builtin",
+        "SchedulerParameters=sched_interval=2",  # requeued jobs start when eligible, not a minute later
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
         "JobRequeue=1",

@@ -225,8 +225,9 @@ class MultiCropAugmentation:
         if blur_kernel_size is not None and (blur_kernel_size < 1 or blur_kernel_size % 2 == 0):
             raise ValueError(f"blur_kernel_size must be odd and positive, got {blur_kernel_size}")
         if len(blur_p) != 3 or len(solarize_p) != 3:
-            raise ValueError("blur_p and solarize_p take 3 values: (global crop 1, global crop 2, local crops)")
-        for name, (lo, hi) in (("global_crops_scale", global_crops_scale), ("local_crops_scale", local_crops_scale)):
+            raise ValueError("blur_p and solarize_p take 3 values: (global crop 1, global crop 2, locals)")
+        scales = {"global_crops_scale": global_crops_scale, "local_crops_scale": local_crops_scale}
+        for name, (lo, hi) in scales.items():
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
         mean = mean if mean is not None else (FMNIST_MEAN if channels == 1 else IMAGENET_MEAN)
@@ -261,7 +262,7 @@ class MultiCropAugmentation:
     def _boxes(
         self, height: int, width: int, n: int, scale: tuple[float, float], generator: torch.Generator | None
     ) -> list[tuple[int, int, int, int]]:
-        """RandomResizedCrop boxes (top, left, h, w): up to 10 tries of (area, log-aspect), else centre crop."""
+        """RandomResizedCrop boxes (top, left, h, w): 10 tries of (area, log-aspect), else a centre crop."""
         draws = torch.rand(n, _RRC_ATTEMPTS, 4, generator=generator).tolist()  # area, ratio, top, left
         area = height * width
         boxes = []
@@ -309,10 +310,10 @@ class MultiCropAugmentation:
         if height * width <= _MATRIX_RESIZE_MAX_PIXELS:
             # Small images: all crops of the group in two batched matmuls, flip folded into the matrices.
             flip_list = flips.tolist()
-            rows = torch.stack([_window_matrix(t, h, height, size, False) for t, _, h, _ in boxes])  # [n, size, H]
+            rows = torch.stack([_window_matrix(t, h, height, size, False) for t, _, h, _ in boxes])
             cols = torch.stack(
-                [_window_matrix(lf, w, width, size, fl) for (_, lf, _, w), fl in zip(boxes, flip_list, strict=True)]
-            )  # [n, size, W]
+                [_window_matrix(b[1], b[3], width, size, fl) for b, fl in zip(boxes, flip_list, strict=True)]
+            )  # rows [n, size, H], cols [n, size, W]
             out = rows[:, None] @ x[None] @ cols[:, None].transpose(-1, -2)  # [n, C, size, size]
         else:
             # Large images: a matmul would touch every pixel; interpolate each box separately instead.
@@ -391,6 +392,20 @@ class MultiCropAugmentation:
 
     def __call__(
         self, img: Image.Image | torch.Tensor | np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, list[torch.Tensor]]:
+        # Crops are tiny: with several intra-op threads (num_workers=0, in the training process) OpenMP
+        # hand-offs make each small op 10-30x slower on busy cores, so run single-threaded and restore.
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return self._augment(img, generator)
+        torch.set_num_threads(1)
+        try:
+            return self._augment(img, generator)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _augment(
+        self, img: Image.Image | torch.Tensor | np.ndarray, generator: torch.Generator | None
     ) -> dict[str, list[torch.Tensor]]:
         x = _to_float_chw(img, self.channels)  # [C, H, W]
         g_blur = torch.tensor(self.blur_p[:2])

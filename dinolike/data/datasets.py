@@ -120,7 +120,8 @@ class FashionMNIST:
         self.split = split
         self.channels = channels
         self.images: np.ndarray = _read_idx(self.root / img_file, _IDX_IMAGES_MAGIC, (28, 28), limit)
-        self.labels: np.ndarray = _read_idx(self.root / lbl_file, _IDX_LABELS_MAGIC, (), limit).astype(np.int64)
+        labels = _read_idx(self.root / lbl_file, _IDX_LABELS_MAGIC, (), limit)
+        self.labels: np.ndarray = labels.astype(np.int64)
         if len(self.images) != len(self.labels):
             raise DataError(
                 f"{self.root}: {img_file} has {len(self.images)} images but {lbl_file} has "
@@ -240,7 +241,7 @@ class Manifest(_FileDataset):
                     continue
                 fields = line.split("\t")
                 if len(fields) > 2:
-                    raise DataError(f"{self.path}:{lineno}: expected 'path' or 'path<TAB>label', got {line!r}")
+                    raise DataError(f"{self.path}:{lineno}: expected 'path' or 'path<TAB>label': {line!r}")
                 p = Path(fields[0].strip())
                 label = -1
                 if len(fields) == 2 and fields[1].strip():

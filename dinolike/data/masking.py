@@ -57,7 +57,7 @@ class MaskGenerator:
             self.max_block = max(self.min_num_patches, int(max_block_frac * self.num_patches))
 
     def _place_block(self, mask: np.ndarray, budget: int, generator: torch.Generator) -> int:
-        """Try to mask one rectangle adding 1..budget new patches; return how many were added (0 = gave up)."""
+        """Mask one rectangle adding 1..budget new patches; return how many it added (0 = gave up)."""
         h_grid, w_grid = self.grid
         lo = min(self.min_num_patches, budget)
         draws = torch.rand(_ATTEMPTS_PER_BLOCK, 4, generator=generator).tolist()  # area, aspect, top, left

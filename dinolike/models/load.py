@@ -30,6 +30,13 @@ def _short(keys: list[str], limit: int = 12) -> str:
 
 def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
     """`load_state_dict(strict=True)`, but with one readable error that lists every problem."""
+    check_state(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def check_state(module: nn.Module, state: Mapping[str, Tensor], what: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError naming every missing, unexpected or mis-shaped key (sharded
+    parameters report their global shape, so this also checks FSDP modules against full state dicts)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -47,7 +54,6 @@ def load_state_strict(module: nn.Module, state: Mapping[str, Tensor], what: str 
         problems.append(f"shape mismatches: {_short(shapes)}")
     if problems:
         raise CheckpointMismatchError(f"{what} does not match the model; " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
 
 
 def normalize_backbone_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

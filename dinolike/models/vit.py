@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinolike.layers import Block, PatchEmbed
 
@@ -77,6 +78,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # the official backbone has an (empty) head too; keeps forward() familiar
+        self.grad_checkpointing = False  # recompute block activations in backward (ViT-g on one GPU)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -150,7 +152,10 @@ class VisionTransformer(nn.Module):
         masks_list = list(masks) if masks is not None else [None] * len(x)
         tokens = [self.prepare_tokens(xi, mi) for xi, mi in zip(x, masks_list, strict=True)]
         for blk in self.blocks:
-            tokens = [blk(t) for t in tokens]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = [checkpoint(blk, t, use_reentrant=False) for t in tokens]
+            else:
+                tokens = [blk(t) for t in tokens]
         return [self._outputs(t, m) for t, m in zip(tokens, masks_list, strict=True)]
 
     def forward(self, x: Tensor) -> Tensor:

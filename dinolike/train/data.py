@@ -10,7 +10,7 @@ from dinolike.data.augment import MultiCropAugmentation
 from dinolike.data.collate import build_ssl_loader
 from dinolike.data.datasets import build_dataset
 from dinolike.data.masking import MaskSampler
-from dinolike.data.ssl_dataset import SSLDataset
+from dinolike.data.positions import SSLDataset
 
 
 def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:

@@ -98,5 +98,8 @@ class DistillMethod(Method):
         return {f"student{i}": (self.emas[i]["backbone"], self._model_cfgs[i]) for i in range(1, len(self.emas))}
 
 
+    def sharded_parts(self) -> list[nn.ModuleDict]:
+        return [self.teacher, *self.students, *self.emas]
+
     def checkpointed_parts(self) -> dict[str, nn.Module]:
         return {"students": self.students, "emas": self.emas, "targets": self.targets}

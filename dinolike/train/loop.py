@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dinolike import dist
+from dinolike import dist, fsdp
 from dinolike.config import to_container
 from dinolike.train import checkpoint as ck
 from dinolike.train.data import build_train_loader
@@ -46,17 +46,17 @@ def build_method(cfg: DictConfig) -> nn.Module:
 
 def _check_finite(it: int, metrics: dict[str, torch.Tensor]) -> None:
     for name, v in metrics.items():
-        if not math.isfinite(float(v)):
+        if not math.isfinite(float(v.detach())):
             raise NonFiniteLossError(
-                f"{name} is {float(v)} at iteration {it}; the run stopped and the last checkpoint is intact. "
+                f"{name} is {float(v.detach())} at iteration {it}; the run stopped and the last checkpoint is intact. "
                 "Lower optim.base_lr, raise teacher.warmup_temp_epochs or check the data."
             )
 
 
 def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConfig) -> dict:
     return {
-        "model": {k: v.state_dict() for k, v in method.checkpointed_parts().items()},
-        "optimizer": opt.state_dict(),
+        "model": {k: fsdp.model_state(v) for k, v in method.checkpointed_parts().items()},
+        "optimizer": fsdp.optim_state(method.student, opt),
         "iteration": it,
         "config": ck.config_json(to_container(cfg)),
         "rng": ck.rng_state(),
@@ -64,18 +64,19 @@ def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConf
 
 
 def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, source: Path) -> None:
-    from dinolike.models import load_state_strict
+    from dinolike.models.load import check_state
 
     parts = method.checkpointed_parts()
     missing = sorted(set(parts) - set(ckpt["model"]))
     if missing:
         raise RuntimeError(f"{source} has no {missing} state; it was written by another kind of run")
     for name, module in parts.items():
-        load_state_strict(module, ckpt["model"][name], what=f"'{name}' in {source}")
+        check_state(module, ckpt["model"][name], what=f"'{name}' in {source}")
+        fsdp.load_model_state(module, ckpt["model"][name])
     if opt is not None:
         try:
-            opt.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:
+            fsdp.load_optim_state(method.student, opt, ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
             raise RuntimeError(f"optimizer state in {source} does not fit this model: {e}") from None
 
 

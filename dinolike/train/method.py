@@ -32,18 +32,43 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------------------
+    def sharded_parts(self) -> list[nn.ModuleDict]:
+        """The backbone+heads dicts FSDP shards (student and teacher alike, so EMA shards line up)."""
+        raise NotImplementedError
+
     def prepare_distributed(self, env: dist.DistEnv) -> None:
-        """Every rank starts from rank 0's weights (the DDP mode then keeps them equal)."""
-        self._env = env
+        """Pick the strategy: none (one process), ddp (replicas + gradient all-reduce) or fsdp (FSDP2).
+
+        `auto` is FSDP on several GPUs and DDP on CPU processes. Every rank first takes rank 0's
+        initial weights, so replicas (and shards) start from the same model.
+        """
+        d = self.cfg.dist
+        if d.activation_checkpointing:
+            for part in self.sharded_parts():
+                part["backbone"].grad_checkpointing = True
+        strategy = d.strategy
+        if strategy == "auto":
+            strategy = "none" if not env.enabled else ("fsdp" if env.device.type == "cuda" else "ddp")
+        if strategy not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"dist.strategy must be auto, ddp or fsdp, got {strategy!r}")
         if env.enabled:
             import torch.distributed as tdist
 
             for p in self.state_dict().values():
                 tdist.broadcast(p, src=0)
+        if strategy == "fsdp" and env.enabled:
+            from dinolike import fsdp
+
+            bf16 = env.device.type == "cuda" and d.mixed_precision == "bf16"
+            fsdp.shard(self.sharded_parts(), env.device, env.world_size, bf16)
+        self._grad_all_reduce = strategy == "ddp" and env.enabled
+        self.strategy = strategy if env.enabled else "none"
 
     def sync_gradients(self) -> None:
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        dist.all_reduce_mean_(grads)
+        """DDP mode: average gradients over ranks (FSDP reduce-scatters them itself in backward)."""
+        if getattr(self, "_grad_all_reduce", False):
+            grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+            dist.all_reduce_mean_(grads)
 
     @staticmethod
     def to_device(batch: dict, device: torch.device) -> dict:

@@ -172,5 +172,8 @@ class SSLMethod(Method):
     def kept_backbone(self) -> VisionTransformer:
         return self.teacher["backbone"]
 
+    def sharded_parts(self) -> list[nn.ModuleDict]:
+        return [self.student, self.teacher]
+
     def checkpointed_parts(self) -> dict[str, nn.Module]:
         return {"student": self.student, "teacher": self.teacher, "targets": self.targets}

@@ -1,0 +1,94 @@
+"""`dinolike export CKPT --format official|hf|timm --out DIR`: ship a backbone to another ecosystem.
+
+CKPT is anything `read_backbone` accepts (training checkpoint, exported backbone, official hub file or
+teacher checkpoint, HF / timm directory). The weights are first loaded strictly into a dinolike model, so
+a broken file fails here with the offending keys named, not later inside someone else's library.
+
+Outputs in DIR:
+  official  backbone.pth (plain state dict, official keys; loads into the official `vit_*` with strict=True)
+            + backbone.pth.json (explicit architecture, read back by dinolike tools)
+  hf        config.json + model.safetensors  -> transformers.Dinov2Model.from_pretrained(DIR)
+            (Dinov2WithRegistersModel for register models)
+  timm      config.json + model.safetensors  -> timm.create_model(config["architecture"], pretrained=False,
+            **config["model_args"]).load_state_dict(safetensors.torch.load_file(DIR/model.safetensors))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dinolike.interop.common import describe_backbone
+from dinolike.models.load import CheckpointMismatchError
+
+FORMATS = ("official", "hf", "timm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinolike export", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="training checkpoint, exported/official backbone, or HF / timm directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output directory (created; our files in it are replaced)")
+    p.add_argument("--which", default="teacher", choices=("teacher", "student"),
+                   help="model of a training checkpoint to export (default: the EMA teacher)")
+    return p
+
+
+def _interpolation_note(cfg: dict[str, Any], fmt: str) -> str | None:
+    """Other libraries resize positions their own way; say when that differs from this model's way."""
+    if fmt == "official":
+        return None
+    target_aa = True if fmt == "timm" else bool(cfg["n_registers"])
+    if cfg["interpolate_offset"] != 0.0 or cfg["interpolate_antialias"] != target_aa:
+        return (f"note: {fmt} resizes position embeddings to the exact grid (antialias={target_aa}); this model "
+                f"uses offset={cfg['interpolate_offset']}, antialias={cfg['interpolate_antialias']}: tokens agree "
+                "at the training resolution and differ slightly at other resolutions")
+    return None
+
+
+def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") -> Path:
+    """Convert `ckpt` into `fmt` under `out`; returns the directory. Raises CheckpointMismatchError
+    (InteropError) with a readable message on bad input."""
+    from dinolike.interop import hf, timm
+    from dinolike.interop.official import read_backbone_with_cfg
+    from dinolike.models import build_backbone, load_state_strict
+    from dinolike.train.export import export_backbone
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
+    state, cfg = read_backbone_with_cfg(ckpt, which)
+    model = build_backbone(cfg, drop_path=False)
+    load_state_strict(model, state, what=f"backbone in {ckpt}")
+    explicit = describe_backbone(model)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "official":
+        export_backbone(model, explicit, out / "backbone.pth")
+    elif fmt == "hf":
+        hf.save_hf(out, state, explicit)
+    else:
+        timm.save_timm(out, state, explicit)
+    note = _interpolation_note(explicit, fmt)
+    if note:
+        print(note, file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = export(args.ckpt, args.format, args.out, args.which)
+    except (CheckpointMismatchError, FileNotFoundError, ValueError, OSError) as e:
+        print(f"dinolike export: error: {e}", file=sys.stderr)
+        return 2
+    files = ", ".join(sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")))
+    print(json.dumps({"format": args.format, "out": str(out), "files": files}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""`python -m launch COMMAND ...` (and `dinolike submit COMMAND ...`): see launch.submit."""
+
+from __future__ import annotations
+
+import sys
+
+from launch.submit import main
+
+if __name__ == "__main__":
+    sys.exit(main())
