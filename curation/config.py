@@ -22,16 +22,17 @@ __all__ = ["SCHEMA", "ConfigError", "load_config", "section_fingerprint"]
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Schema merged with the pipeline file(s) and `key=value` overrides; unknown keys raise ConfigError."""
-    cfg = OmegaConf.load(SCHEMA)
+    schema = OmegaConf.load(SCHEMA)
+    cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:
         for delta, source in _read_yaml_chain(Path(path)):
-            cfg = _merge_strict(cfg, delta, source)
+            cfg = _merge_strict(cfg, delta, source, schema)
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
     if overrides:
-        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line", schema)
     OmegaConf.set_struct(cfg, True)
     return cfg
 

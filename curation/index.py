@@ -16,7 +16,13 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["gpu_enabled", "build_index", "search", "kmeans", "assign"]
+__all__ = ["set_threads", "gpu_enabled", "build_index", "search", "kmeans", "assign"]
+
+
+def set_threads(n: int) -> None:
+    """faiss OpenMP threads for this process; 0 keeps faiss's default (all cores)."""
+    if n > 0:
+        faiss.omp_set_num_threads(n)
 
 
 def gpu_enabled(setting: Any) -> bool:

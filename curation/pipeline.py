@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from curation.config import section_fingerprint
 from curation.dedup import DedupResult, deduplicate
 from curation.embed import load_set, prepare_sets, run_embed, set_specs, shard_set
+from curation.index import set_threads
 from curation.retrieve import cluster_based, sample_based
 from curation.sample import balanced_sample, hierarchical_kmeans
 from curation.store import StepOutputError, save_npz, write_json, write_lines
@@ -161,7 +162,7 @@ def step_sample(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     summary = {"pool_after_dedup": len(kept), "levels": [len(np.unique(p)) for p in parents],
                "sampled": len(ids), "seconds": round(time.perf_counter() - t0, 2)}
     out = _dir(cfg, "sample")
-    save_npz(out / "result.npz", ids=kept[ids], cluster=leaf)
+    save_npz(out / "result.npz", ids=kept[ids], cluster=leaf, pool_ids=kept, pool_cluster=parents[0])
     write_json(out / "done.json", {"fingerprint": fp, "summary": summary})
     return summary
 
@@ -260,5 +261,6 @@ def run_step(cfg: DictConfig, step: str, force: bool = False) -> dict[str, Any]:
         return {s: run_step(cfg, s, force) for s in order}
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; steps: {', '.join([*STEPS, 'all'])}")
+    set_threads(int(cfg.index.threads))
     return STEPS[step](cfg, force)
 

@@ -71,7 +71,8 @@ def _check_type(key: str, default: object, value: object, source: str) -> None:
             return
 
 
-def _merge_strict(schema: DictConfig, delta: DictConfig, source: str) -> DictConfig:
+def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+    """Merge `delta` into `cfg`; keys and types are checked against the pristine schema (base.yaml)."""
     flat = {}
 
     def walk(node: DictConfig, prefix: str) -> None:
@@ -91,23 +92,24 @@ def _merge_strict(schema: DictConfig, delta: DictConfig, source: str) -> DictCon
             raise ConfigError(f"'{key}' in {source} is a section; set its keys ({key}.KEY=VALUE)")
         _check_type(key, node._get_node(leaf)._value(), flat[key], source)
     try:
-        return OmegaConf.merge(schema, delta)
+        return OmegaConf.merge(cfg, delta)
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
         raise ConfigError(f"bad value in {source}: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Merged, read-only-schema config. `overrides` are `section.key=value` strings."""
-    cfg = OmegaConf.load(BASE)
+    schema = OmegaConf.load(BASE)
+    cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:
         for delta, source in _read_yaml_chain(Path(path)):
-            cfg = _merge_strict(cfg, delta, source)
+            cfg = _merge_strict(cfg, delta, source, schema)
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
     if overrides:
-        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line")
+        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line", schema)
     OmegaConf.set_struct(cfg, True)
     return cfg
 

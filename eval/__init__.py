@@ -1,0 +1,6 @@
+"""Evaluation suite: kNN, linear probe and logistic regression on frozen features, plus pictures.
+
+Commands: `python -m eval knn|linear|logreg|plot|viz` (also `dinolike eval ...`, `dinolike plot`,
+`dinolike viz`). Protocol functions for programmatic use: `eval.knn.knn_eval`,
+`eval.linear.linear_probe`, `eval.logreg.logreg_eval`, with features from `eval.features.extract_features`.
+"""

@@ -51,6 +51,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
             "momentum": 0.9,
             "weight_decay": 0.0,
             "val_fraction": 0.1,
+            "cpu_threads": 1,  # torch threads while training on CPU (null: torch default); see linear_probe
         },
         "logreg": {
             "cs": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0],
@@ -58,6 +59,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
             "val_fraction": 0.1,
             "standardize": True,
             "backend": "auto",  # auto: cuML when importable and a GPU is present, else scikit-learn
+            "blas_threads": 1,  # BLAS threads during the fits (null: library default); see logreg_eval
         },
     }
 }
@@ -84,9 +86,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         help="run config YAML or arch preset (vit_small, ...); default: config.yaml next to the checkpoint",
     )
     p.add_argument("--which", default="teacher", choices=["teacher", "student"], help="weights in a ckpt")
-    p.add_argument(
-        "--train-dataset", default="fmnist:train", help="fmnist:train | folder:DIR | manifest:FILE"
-    )
+    p.add_argument("--train-dataset", default="fmnist:train", help="fmnist:train | folder:DIR | manifest:FILE")
     p.add_argument("--val-dataset", default="fmnist:test", help="evaluation set, same spec syntax")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train items")
     p.add_argument("--limit-val", type=int, default=None, help="use only the first N eval items")
@@ -102,9 +102,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("opts", nargs="*", default=[], help="omegaconf overrides, e.g. eval.knn.temperature=0.1")
 
 
-def run_cli(
-    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None
-) -> int:
+def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any], argv: list[str] | None) -> int:
     """Parse, run, and turn expected failures into a one-line error with exit code 2."""
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -322,9 +320,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(
-    out_dir: str | Path, payload: Mapping[str, Any], title: str, rows: Sequence[Mapping]
-) -> str:
+def write_results(out_dir: str | Path, payload: Mapping[str, Any], title: str, rows: Sequence[Mapping]) -> str:
     """Write results.json and results.md into out_dir; returns the markdown text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -254,9 +254,7 @@ def extract_features(
         indices=indices,
     )
     n_batches = (len(indices) + batch_size - 1) // batch_size
-    for x, y, idx, n_skip in tqdm(
-        batches, total=n_batches, desc=desc, disable=not progress or rank != 0, leave=False
-    ):
+    for x, y, idx, n_skip in tqdm(batches, total=n_batches, desc=desc, disable=not progress or rank != 0, leave=False):
         skipped += n_skip
         if x is None:
             continue

@@ -17,9 +17,7 @@ from torch import Tensor
 DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
 
 
-def _merge_topk(
-    best_sim: Tensor, best_idx: Tensor, sim: Tensor, offset: int, k: int
-) -> tuple[Tensor, Tensor]:
+def _merge_topk(best_sim: Tensor, best_idx: Tensor, sim: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
     """Fold one train chunk's similarities into the running top-k (keeps memory at chunk x chunk)."""
     kk = min(k, sim.shape[1])
     s, i = sim.topk(kk, dim=1)  # [T, kk]
@@ -73,7 +71,8 @@ def knn_eval(
 
     For test feature q and its k nearest train features x_i (cosine similarity s_i = <q, x_i> after
     L2 normalisation), class c gets the score  sum_i exp(s_i / T) * [y_i == c];  the prediction is
-    the arg-max (top-1) or the 5 best classes that received votes (top-5). Memory is bounded by chunk x train_chunk floats.
+    the arg-max (top-1) or the 5 best classes that received votes (top-5).
+    Memory is bounded by chunk x train_chunk floats.
 
     Returns {"k10_top1": ..., "k10_top5": ..., ...} for every k in ks (k is capped at the train size).
     """
@@ -145,10 +144,11 @@ def run(args: argparse.Namespace) -> dict:
         setup.features(args.val_dataset, args.limit_val),
     )
     t = setup.timer()
+    dev = setup.device  # the GPU when there is one: the similarity matmul is the whole cost
     metrics = knn_eval(
-        train.knn_features(),
+        train.knn_features().to(dev),
         train.labels,
-        test.knn_features(),
+        test.knn_features().to(dev),
         test.labels,
         ks=tuple(int(k) for k in kcfg.ks),
         temperature=float(kcfg.temperature),

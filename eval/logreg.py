@@ -61,13 +61,46 @@ def logreg_eval(
     seed: int = 0,
     standardize: bool = True,
     backend: str = "auto",
+    blas_threads: int | None = 1,
 ) -> dict[str, Any]:
     """Multinomial L2 logistic regression: minimise  sum_i -log softmax(W x_i + b)_{y_i} + ||W||^2 / (2C).
 
     Returns test top-1/top-5 (percent) with the C chosen on the held-out validation split, and the
     validation accuracy of every C. Features are standardised with train statistics (L-BFGS converges
     much faster on unit-scale inputs; pixels and ViT tokens have very different scales).
+    blas_threads caps the BLAS thread pool during the fits: each L-BFGS step is a small matmul, and on
+    a busy machine a multi-threaded BLAS spin-waits and runs ~10x slower than a single thread.
     """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _logreg_eval(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            cs=cs,
+            max_iter=max_iter,
+            val_fraction=val_fraction,
+            seed=seed,
+            standardize=standardize,
+            backend=backend,
+        )
+
+
+def _logreg_eval(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    *,
+    cs: Sequence[float],
+    max_iter: int,
+    val_fraction: float,
+    seed: int,
+    standardize: bool,
+    backend: str,
+) -> dict[str, Any]:
     if backend == "auto":
         backend = "cuml" if _cuml_available() else "sklearn"
     if backend not in ("sklearn", "cuml"):
@@ -153,6 +186,7 @@ def run(args: argparse.Namespace) -> dict:
         seed=int(setup.cfg.eval.seed),
         standardize=bool(lc.standardize),
         backend=str(lc.backend),
+        blas_threads=None if lc.blas_threads is None else int(lc.blas_threads),
     )
     sweep = res.pop("sweep")
     rows = [
@@ -164,9 +198,7 @@ def run(args: argparse.Namespace) -> dict:
         }
         for r in sweep
     ]
-    return setup.finish(
-        "logreg", res, rows, extra={"sweep": sweep, "protocol_seconds": t()}, train=train, test=test
-    )
+    return setup.finish("logreg", res, rows, extra={"sweep": sweep, "protocol_seconds": t()}, train=train, test=test)
 
 
 def main(argv: list[str] | None = None) -> int:

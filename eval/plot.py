@@ -91,9 +91,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 1
     if not keys:
         raise ValueError(f"{metrics} holds no numeric metrics to plot")
     nrows = math.ceil(len(keys) / NCOLS)
-    fig, axes = plt.subplots(
-        nrows, NCOLS, figsize=(NCOLS * PANEL_W_IN, nrows * PANEL_H_IN), dpi=dpi, squeeze=False
-    )
+    fig, axes = plt.subplots(nrows, NCOLS, figsize=(NCOLS * PANEL_W_IN, nrows * PANEL_H_IN), dpi=dpi, squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         pts = [
             (r["iteration"], float(r[key]))

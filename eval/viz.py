@@ -105,17 +105,13 @@ def pca_figure(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dinolike viz", description="PCA picture of patch features (DINOv2 Fig. 1)."
-    )
+    p = argparse.ArgumentParser(prog="dinolike viz", description="PCA picture of patch features (DINOv2 Fig. 1).")
     p.add_argument("--pretrained", required=True, help="checkpoint, or 'random' (with --config)")
     p.add_argument("--config", default=None, help="run config YAML or arch preset")
     p.add_argument("--which", default="teacher", choices=["teacher", "student"])
     p.add_argument("--resolution", type=int, default=224, help="input size (rounded up to the patch size)")
     p.add_argument("--tile", type=int, default=224, help="pixels per tile in the output grid")
-    p.add_argument(
-        "--threshold", type=float, default=0.0, help="foreground threshold on scaled PC1 in [-1,1]"
-    )
+    p.add_argument("--threshold", type=float, default=0.0, help="foreground threshold on scaled PC1 in [-1,1]")
     p.add_argument("--out", default="pca.png", help="output PNG")
     p.add_argument("--device", default=None)
     p.add_argument("images", nargs="+", help="image files")

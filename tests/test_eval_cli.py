@@ -18,8 +18,17 @@ from eval.viz import main as viz_main
 from eval.viz import pca_rgb
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-PICO = ["--config", "vit_pico", "model.patch_size=7", "model.img_size=28", "model.in_chans=1",
-        "model.layerscale=1.0", "data.mean=[0.286]", "data.std=[0.353]", "crops.global_size=28"]
+PICO = [
+    "--config",
+    "vit_pico",
+    "model.patch_size=7",
+    "model.img_size=28",
+    "model.in_chans=1",
+    "model.layerscale=1.0",
+    "data.mean=[0.286]",
+    "data.std=[0.353]",
+    "crops.global_size=28",
+]
 
 
 def _fmnist_pixels(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +44,21 @@ def _fmnist_pixels(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_knn_pixels_on_fashion_mnist_matches_direct_computation(tmp_path, capsys) -> None:
-    args = ["knn", "--pretrained", "pixels", "--limit-train", "2000", "--limit-val", "300", "--no-progress",
-            "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "eval.knn.ks=[5,20]"]
+    args = [
+        "knn",
+        "--pretrained",
+        "pixels",
+        "--limit-train",
+        "2000",
+        "--limit-val",
+        "300",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "eval.knn.ks=[5,20]",
+    ]
     assert eval_main(args) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     tr_x, tr_y = _fmnist_pixels("train", 2000)
@@ -52,8 +74,22 @@ def test_knn_pixels_on_fashion_mnist_matches_direct_computation(tmp_path, capsys
     assert "| 20 |" in capsys.readouterr().out
     assert res["feature_cache_hits"] == {"fmnist:train": False, "fmnist:test": False}
     # a second protocol run on the same data reuses the cached pass
-    args2 = ["logreg", "--pretrained", "pixels", "--limit-train", "2000", "--limit-val", "300", "--no-progress",
-             "--output-dir", str(tmp_path / "lr"), "--cache-dir", str(tmp_path / "cache"), "eval.logreg.cs=[0.1]"]
+    args2 = [
+        "logreg",
+        "--pretrained",
+        "pixels",
+        "--limit-train",
+        "2000",
+        "--limit-val",
+        "300",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "lr"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "eval.logreg.cs=[0.1]",
+        "eval.logreg.max_iter=100",
+    ]
     assert eval_main(args2) == 0
     res2 = json.loads((tmp_path / "lr" / "results.json").read_text())
     assert res2["feature_cache_hits"] == {"fmnist:train": True, "fmnist:test": True}
@@ -61,9 +97,22 @@ def test_knn_pixels_on_fashion_mnist_matches_direct_computation(tmp_path, capsys
 
 
 def test_linear_with_random_model_runs_the_grid(tmp_path) -> None:
-    args = ["linear", "--pretrained", "random", *PICO, "--limit-train", "300", "--limit-val", "100",
-            "--no-progress", "--no-cache", "--output-dir", str(tmp_path), "eval.linear.epochs=1",
-            "eval.linear.lrs=[0.001,0.1]"]
+    args = [
+        "linear",
+        "--pretrained",
+        "random",
+        *PICO,
+        "--limit-train",
+        "300",
+        "--limit-val",
+        "100",
+        "--no-progress",
+        "--no-cache",
+        "--output-dir",
+        str(tmp_path),
+        "eval.linear.epochs=1",
+        "eval.linear.lrs=[0.001,0.1]",
+    ]
     assert eval_main(args) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert len(res["heads"]) == 2 * 4 and res["feature_dim"] == 96 and res["resolution"] == 28
@@ -79,8 +128,19 @@ def test_strict_loading_rejects_missing_key_and_names_it(tmp_path, capsys) -> No
     del state["blocks.2.attn.qkv.weight"]
     ckpt = tmp_path / "backbone.pth"
     torch.save(state, ckpt)
-    args = ["knn", "--pretrained", str(ckpt), *PICO, "--limit-train", "50", "--limit-val", "20",
-            "--no-cache", "--output-dir", str(tmp_path / "out")]
+    args = [
+        "knn",
+        "--pretrained",
+        str(ckpt),
+        *PICO,
+        "--limit-train",
+        "50",
+        "--limit-val",
+        "20",
+        "--no-cache",
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert eval_main(args) == 2
     err = capsys.readouterr().err
     assert "blocks.2.attn.qkv.weight" in err and "missing" in err
@@ -137,17 +197,58 @@ def test_viz_writes_grid_png_and_skips_unreadable_images(tmp_path, capsys) -> No
     paths = []
     for i in range(3):
         arr = np.full((40, 40), 20, np.uint8)
-        arr[10 + i : 30, 8:30 - i] = 230
+        arr[10 + i : 30, 8 : 30 - i] = 230
         p = tmp_path / f"img{i}.png"
         Image.fromarray(arr).save(p)
         paths.append(str(p))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     out = tmp_path / "pca.png"
-    rc = viz_main(["--pretrained", "random", "--resolution", "28", "--tile", "64", "--out", str(out),
-                   *paths, str(bad), "--config", "vit_pico", "--opts", *PICO[2:]])
+    rc = viz_main(
+        [
+            "--pretrained",
+            "random",
+            "--resolution",
+            "28",
+            "--tile",
+            "64",
+            "--out",
+            str(out),
+            *paths,
+            str(bad),
+            "--config",
+            "vit_pico",
+            "--opts",
+            *PICO[2:],
+        ]
+    )
     assert rc == 0
     png = Image.open(out)
     assert png.size == (3 * 64, 2 * 64)
     assert np.asarray(png).std() > 1.0
     assert "1 skipped" in capsys.readouterr().out
+
+
+def test_eval_at_another_resolution_interpolates_position_embeddings(tmp_path) -> None:
+    # the model's position embedding is learned for 28 px; evaluating at 42 px goes through the PIL
+    # resize path and a 6x6 patch grid
+    args = [
+        "knn",
+        "--pretrained",
+        "random",
+        *PICO,
+        "eval.resolution=42",
+        "eval.knn.ks=[3]",
+        "--limit-train",
+        "60",
+        "--limit-val",
+        "20",
+        "--no-progress",
+        "--no-cache",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    assert eval_main(args) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["resolution"] == 42 and res["n_train"] == 60
+    assert 0.0 <= res["metrics"]["k3_top1"] <= 100.0

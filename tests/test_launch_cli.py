@@ -228,3 +228,44 @@ def test_module_entry_point_shows_help():
     out = subprocess.run([sys.executable, "-m", "launch", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=60)  # fmt: skip
     assert out.returncode == 0 and "--gpus-per-node" in out.stdout and "--local" in out.stdout
+
+
+def test_cluster_refuses_non_root_with_a_clear_reason(monkeypatch, tmp_path):
+    from launch import cluster
+
+    monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
+    with pytest.raises(cluster.ClusterUnavailable, match="needs root"):
+        cluster.start_cluster(tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # nothing written before the check
+
+
+def test_cluster_apt_failure_is_unavailable_not_a_crash(monkeypatch, tmp_path):
+    from launch import cluster
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    _write_exe(bindir / "apt-get", "#!/bin/sh\necho 'E: Unable to locate package slurmctld' >&2\nexit 100\n")
+    monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setattr(cluster, "missing_packages", lambda: ["slurmctld"])
+    with pytest.raises(cluster.ClusterUnavailable, match="Unable to locate package"):
+        cluster.ensure_packages()
+
+
+def test_cluster_config_has_what_a_single_node_needs(tmp_path):
+    from launch import cluster
+
+    (tmp_path / "etc").mkdir()
+    ports = {"slurmctld": 7001, "slurmd": 7002, "slurmdbd": 7003}
+    conf = cluster.write_configs(tmp_path, "t", 2, ports, tmp_path / "munge.sock").read_text()
+    for line in ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+                 "ReturnToService=2", "AccountingStorageType=accounting_storage/slurmdbd",
+                 "AccountingStoragePort=7003", f"AccountingStoragePass={tmp_path / 'munge.sock'}"):  # fmt: skip
+        assert f"{line}\n" in conf, line
+    node = next(ln for ln in conf.splitlines() if ln.startswith("NodeName="))
+    assert "NodeName=localhost" in node and "CPUs=2" in node
+    mem_total_mb = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    assert int(node.split("RealMemory=")[1].split()[0]) < mem_total_mb  # above real memory drains the node
+    for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldLogFile"):
+        assert f"{key}={tmp_path}" in conf  # all state inside the workdir
+    dbd = tmp_path / "etc" / "slurmdbd.conf"
+    assert stat.S_IMODE(dbd.stat().st_mode) == 0o600 and "DbdPort=7003" in dbd.read_text()

@@ -254,6 +254,8 @@ class MultiCropAugmentation:
         jb, jc, js, _ = self.jitter
         self._jitter_lo = torch.tensor([1 - jb, 1 - jc, 1 - js]).clamp_min(0)  # [3]
         self._jitter_span = torch.tensor([1 + jb, 1 + jc, 1 + js]) - self._jitter_lo
+        self._global_blur_p = torch.tensor(self.blur_p[:2])  # [2]: global crop 1, global crop 2
+        self._global_sol_p = torch.tensor(self.solarize_p[:2])
         self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
 
@@ -333,7 +335,8 @@ class MultiCropAugmentation:
             out = torch.where(to_gray, _gray(out).expand_as(out), out)
         out = self._blur(out, u[:, _U_BLUR] < blur_p, u[:, _U_SIGMA])
         sol = (u[:, _U_SOL] < solarize_p).view(n, 1, 1, 1)
-        out = torch.where(sol & (out >= _SOLARIZE_THRESHOLD), 1.0 - out, out)
+        if bool(sol.any()):
+            out = torch.where(sol & (out >= _SOLARIZE_THRESHOLD), 1.0 - out, out)
         return out.sub_(self._mean_t).div_(self._std_t)
 
     def _color_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -348,7 +351,7 @@ class MultiCropAugmentation:
         on = u[:, _U_JIT] < self.jitter_p  # [n]
         if self.jitter_p <= 0 or not bool(on.any()):
             return x
-        jb, jc, js, jh = self.jitter
+        jh = self.jitter[3]
         rgb = self.channels == 3
         lo, span = self._jitter_lo, self._jitter_span
         f = lo + u[:, _U_BRI : _U_SAT + 1] * span  # [n, 3]: brightness, contrast, saturation factors
@@ -408,10 +411,9 @@ class MultiCropAugmentation:
         self, img: Image.Image | torch.Tensor | np.ndarray, generator: torch.Generator | None
     ) -> dict[str, list[torch.Tensor]]:
         x = _to_float_chw(img, self.channels)  # [C, H, W]
-        g_blur = torch.tensor(self.blur_p[:2])
-        g_sol = torch.tensor(self.solarize_p[:2])
         globals_ = self._crop_group(
-            x, 2, self.global_crops_size, self.global_crops_scale, g_blur, g_sol, generator
+            x, 2, self.global_crops_size, self.global_crops_scale, self._global_blur_p, self._global_sol_p,
+            generator,
         ).unbind(0)
         locals_: tuple[torch.Tensor, ...] = ()
         if self.local_crops_number > 0:

@@ -197,7 +197,13 @@ class ImageFolder(_FileDataset):
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
         rel_paths: list[str] = []
+        seen_dirs: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:  # symlink cycle (or a folder linked twice): scan it once
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
             dirnames.sort()
             for name in filenames:
                 if name.lower().endswith(IMAGE_EXTENSIONS):

@@ -49,11 +49,15 @@ def mlp_ratio_for(dim: int, hidden: int, swiglu: bool, integer: bool = False) ->
     candidates = [exact, (int(exact * dim) + 0.5) / dim]
     if swiglu:  # SwiGLU rounds up to a multiple of 8: search the pre-rounding widths near 1.5 * hidden
         base = int(1.5 * hidden)
-        candidates += [(x + 0.5) / dim for x in sorted(range(base - 16, base + 4), key=lambda x: abs(x - base))]
+        candidates += [
+            (x + 0.5) / dim for x in sorted(range(base - 16, base + 4), key=lambda x: abs(x - base))
+        ]
     for r in candidates:
         if ffn_hidden(dim, r, swiglu) == hidden:
             return float(r)
-    raise InteropError(f"no mlp_ratio gives an FFN of width {hidden} on dim {dim} (SwiGLU widths are multiples of 8)")
+    raise InteropError(
+        f"no mlp_ratio gives an FFN of width {hidden} on dim {dim} (SwiGLU widths are multiples of 8)"
+    )
 
 
 def describe_backbone(model: VisionTransformer) -> dict[str, Any]:

@@ -32,8 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="training checkpoint, exported/official backbone, or HF / timm directory")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory (created; our files in it are replaced)")
-    p.add_argument("--which", default="teacher", choices=("teacher", "student"),
-                   help="model of a training checkpoint to export (default: the EMA teacher)")
+    p.add_argument(
+        "--which",
+        default="teacher",
+        choices=("teacher", "student"),
+        help="model of a training checkpoint to export (default: the EMA teacher)",
+    )
     return p
 
 
@@ -43,9 +47,11 @@ def _interpolation_note(cfg: dict[str, Any], fmt: str) -> str | None:
         return None
     target_aa = True if fmt == "timm" else bool(cfg["n_registers"])
     if cfg["interpolate_offset"] != 0.0 or cfg["interpolate_antialias"] != target_aa:
-        return (f"note: {fmt} resizes position embeddings to the exact grid (antialias={target_aa}); this model "
-                f"uses offset={cfg['interpolate_offset']}, antialias={cfg['interpolate_antialias']}: tokens agree "
-                "at the training resolution and differ slightly at other resolutions")
+        return (
+            f"note: {fmt} resizes position embeddings to the exact grid (antialias={target_aa}); this model "
+            f"uses offset={cfg['interpolate_offset']}, antialias={cfg['interpolate_antialias']}: "
+            "tokens agree at the training resolution and differ slightly at other resolutions"
+        )
     return None
 
 

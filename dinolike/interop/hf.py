@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dinolike.interop.common import InteropError, load_safetensors, mlp_ratio_for, save_safetensors, square_grid
+from dinolike.interop.common import (
+    InteropError,
+    load_safetensors,
+    mlp_ratio_for,
+    save_safetensors,
+    square_grid,
+)
 
 MODEL_TYPES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 
@@ -41,8 +47,10 @@ _LAYER_RENAMES = {
 }
 # pieces that are one packed tensor on our side: official name -> ordered HF parts (both spellings)
 _PACKED = {
-    "attn.qkv": (("attention.attention.query", "attention.attention.key", "attention.attention.value"),
-                 ("attention.q_proj", "attention.k_proj", "attention.v_proj")),
+    "attn.qkv": (
+        ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    ),
     "mlp.w12": (("mlp.gate_proj", "mlp.up_proj"),),
 }
 _EMBED_RENAMES = {
@@ -61,7 +69,9 @@ def _single(value: Any, what: str) -> int:
     """HF allows (h, w) sizes; our ViT is square."""
     if isinstance(value, list | tuple):
         if len(set(value)) != 1:
-            raise InteropError(f"HF config {what}={value} is not square; dinolike ViTs use square patches/grids")
+            raise InteropError(
+                f"HF config {what}={value} is not square; dinolike ViTs use square patches/grids"
+            )
         value = value[0]
     return int(value)
 
@@ -133,13 +143,19 @@ def hf_to_dinolike(
             if names is None:
                 continue
             found = [f"blocks.{i}.{n}.{leaf}" for n in names]
-            missing = [f"encoder.layer.{i}.{n}.{leaf}" for n, f in zip(names, found, strict=True) if f not in parts]
+            missing = [
+                f"encoder.layer.{i}.{n}.{leaf}" for n, f in zip(names, found, strict=True) if f not in parts
+            ]
             if missing:
-                raise InteropError(f"HF state dict lacks {', '.join(missing)} (needed to build blocks.{i}.{ours})")
+                raise InteropError(
+                    f"HF state dict lacks {', '.join(missing)} (needed to build blocks.{i}.{ours})"
+                )
             out[f"blocks.{i}.{ours}.{leaf}"] = torch.cat([parts.pop(f) for f in found], dim=0)
             break
     if "mask_token" in out and out["mask_token"].dim() == 3:  # some exports keep [1, 1, D]
         out["mask_token"] = out["mask_token"].reshape(1, -1)
+    if "mask_token" not in out and "pos_embed" in out:  # use_mask_token=False: DINOv2's zero init
+        out["mask_token"] = torch.zeros(1, cfg["embed_dim"], dtype=out["pos_embed"].dtype)
     return out, cfg
 
 
@@ -181,8 +197,14 @@ def dinolike_to_hf(
         hf_cfg["num_register_tokens"] = regs
     inverse_embed = {v: k for k, v in _EMBED_RENAMES.items()}
     inverse_layer = {
-        "norm1": "norm1", "norm2": "norm2", "attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1",
-        "ls2.gamma": "layer_scale2.lambda1", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in",
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.proj": "attention.output.dense",
+        "ls1.gamma": "layer_scale1.lambda1",
+        "ls2.gamma": "layer_scale2.lambda1",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "mlp.w12": "mlp.weights_in",
         "mlp.w3": "mlp.weights_out",
     }
     out: dict[str, Tensor] = {}
@@ -240,6 +262,8 @@ def load_hf(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     elif (path / "pytorch_model.bin").is_file():
         state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise InteropError(f"{path} holds neither model.safetensors nor pytorch_model.bin (sharded files are "
-                           "not supported: DINOv2 backbones fit one file)")
+        raise InteropError(
+            f"{path} holds neither model.safetensors nor pytorch_model.bin (sharded files are "
+            "not supported: DINOv2 backbones fit one file)"
+        )
     return hf_to_dinolike(state, hf_cfg)

@@ -18,7 +18,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dinolike.interop.common import InteropError, load_safetensors, mlp_ratio_for, resize_pos_embed, square_grid
+from dinolike.interop.common import (
+    InteropError,
+    load_safetensors,
+    mlp_ratio_for,
+    resize_pos_embed,
+    square_grid,
+)
 from dinolike.models.load import (
     CheckpointMismatchError,
     backbone_state_and_cfg,
@@ -50,10 +56,14 @@ def official_backbone_cfg(state: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _is_hf_keys(state: Mapping[str, Any]) -> bool:
-    return any(re.match(r"^(dinov2\.|dinov2_with_registers\.)?(embeddings\.|encoder\.layer\.)", k) for k in state)
+    return any(
+        re.match(r"^(dinov2\.|dinov2_with_registers\.)?(embeddings\.|encoder\.layer\.)", k) for k in state
+    )
 
 
-def read_backbone(path: str | Path, which: str = "teacher") -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def read_backbone(
+    path: str | Path, which: str = "teacher"
+) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """(official-key backbone state dict, model config or None) from any file or directory we know.
 
     Accepted: a dinolike training checkpoint (`which` = teacher | student), an exported backbone (+ `.json`
@@ -80,7 +90,9 @@ def read_backbone(path: str | Path, which: str = "teacher") -> tuple[dict[str, T
             if not cfg_file.is_file():
                 raise InteropError(f"{path} holds Hugging Face keys but there is no config.json beside it")
             return hf.hf_to_dinolike(state, json.loads(cfg_file.read_text()))
-        if "reg_token" in state or (cfg_file.is_file() and "architecture" in json.loads(cfg_file.read_text())):
+        if "reg_token" in state or (
+            cfg_file.is_file() and "architecture" in json.loads(cfg_file.read_text())
+        ):
             return timm.load_timm(path.parent) if cfg_file.is_file() else timm.timm_to_dinolike(state)
         return normalize_backbone_keys(state), None
     state, cfg = backbone_state_and_cfg(path, which)
@@ -91,7 +103,9 @@ def read_backbone(path: str | Path, which: str = "teacher") -> tuple[dict[str, T
     return state, cfg
 
 
-def read_backbone_with_cfg(path: str | Path, which: str = "teacher") -> tuple[dict[str, Tensor], dict[str, Any]]:
+def read_backbone_with_cfg(
+    path: str | Path, which: str = "teacher"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """`read_backbone`, with the config inferred from the shapes when the file carries none."""
     state, cfg = read_backbone(path, which)
     if cfg is None:
@@ -109,7 +123,9 @@ def fit_pos_embed(backbone: nn.Module, state: dict[str, Tensor]) -> dict[str, Te
     grid = square_grid(own.shape[1] - 1, "the model's pos_embed")
     square_grid(pos.shape[1] - 1, "the checkpoint's pos_embed")
     out = dict(state)
-    out["pos_embed"] = resize_pos_embed(pos, grid, antialias=bool(getattr(backbone, "interpolate_antialias", False)))
+    out["pos_embed"] = resize_pos_embed(
+        pos, grid, antialias=bool(getattr(backbone, "interpolate_antialias", False))
+    )
     return out
 
 
@@ -127,7 +143,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, which: str = "t
 
 @dataclass
 class TeacherCheckpoint:
-    """The parts of an official `teacher_checkpoint.pth`: backbone (official keys) and heads (DINOHead keys)."""
+    """The parts of an official `teacher_checkpoint.pth`: backbone (official keys), heads (DINOHead keys)."""
 
     backbone: dict[str, Tensor]
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
@@ -139,8 +155,11 @@ class TeacherCheckpoint:
             raise InteropError("the checkpoint has no dino_head")
         cfg = head_config_from_state(dino)
         cfg["ibot_separate_head"] = "ibot_head" in self.heads
-        cfg["ibot_out_dim"] = head_config_from_state(self.heads["ibot_head"])["out_dim"] if "ibot_head" in self.heads \
+        cfg["ibot_out_dim"] = (
+            head_config_from_state(self.heads["ibot_head"])["out_dim"]
+            if "ibot_head" in self.heads
             else cfg["out_dim"]
+        )
         return cfg
 
 
@@ -181,7 +200,9 @@ def read_teacher_checkpoint(path: str | Path) -> TeacherCheckpoint:
         else:
             other.append(k)
     if other:
-        raise InteropError(f"{path}: teacher keys outside backbone/dino_head/ibot_head: {', '.join(sorted(other)[:8])}")
+        raise InteropError(
+            f"{path}: teacher keys outside backbone/dino_head/ibot_head: {', '.join(sorted(other)[:8])}"
+        )
     if not backbone:
         raise InteropError(f"{path}: the teacher dict has no backbone.* keys")
     return TeacherCheckpoint(normalize_backbone_keys(backbone), heads)
@@ -195,13 +216,17 @@ def load_teacher_checkpoint(model: nn.ModuleDict, path: str | Path) -> TeacherCh
     wanted = sorted(k for k in ("dino_head", "ibot_head") if k in model)
     if sorted(parts.heads) != wanted:
         raise InteropError(
-            f"{path} has heads {sorted(parts.heads)} but the model has {wanted}; set heads.ibot_separate_head="
-            f"{'true' if 'ibot_head' in parts.heads else 'false'}"
+            f"{path} has heads {sorted(parts.heads)} but the model has {wanted}; set "
+            f"heads.ibot_separate_head={'true' if 'ibot_head' in parts.heads else 'false'}"
         )
-    load_state_strict(model["backbone"], fit_pos_embed(model["backbone"], parts.backbone), what=f"backbone in {path}")
+    load_state_strict(
+        model["backbone"], fit_pos_embed(model["backbone"], parts.backbone), what=f"backbone in {path}"
+    )
     for name in wanted:
         try:
             load_state_strict(model[name], parts.heads[name], what=f"{name} in {path}")
         except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"{e}; the checkpoint's heads need heads: {parts.head_config()}") from None
+            raise CheckpointMismatchError(
+                f"{e}; the checkpoint's heads need heads: {parts.head_config()}"
+            ) from None
     return parts

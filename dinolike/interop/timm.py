@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dinolike.interop.common import InteropError, load_safetensors, mlp_ratio_for, save_safetensors, square_grid
+from dinolike.interop.common import (
+    InteropError,
+    load_safetensors,
+    mlp_ratio_for,
+    save_safetensors,
+    square_grid,
+)
 
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _DINOV2_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -37,8 +43,10 @@ def timm_to_dinolike(
     args = dict(model_args or {})
     sd = dict(state)
     if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise InteropError(f"not a timm ViT state dict: no patch_embed.proj.weight / pos_embed "
-                           f"(first keys: {', '.join(sorted(sd)[:6])})")
+        raise InteropError(
+            f"not a timm ViT state dict: no patch_embed.proj.weight / pos_embed "
+            f"(first keys: {', '.join(sorted(sd)[:6])})"
+        )
     w = sd["patch_embed.proj.weight"]  # [D, C, p, p]
     dim, in_chans, patch = w.shape[0], w.shape[1], w.shape[2]
     if w.shape[2] != w.shape[3]:
@@ -73,7 +81,9 @@ def timm_to_dinolike(
     hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0]
     grid = square_grid(pos.shape[1] - 1, "timm pos_embed")
     if args.get("img_size") not in (None, grid * patch) and int(args["img_size"]) // patch != grid:
-        raise InteropError(f"timm model_args img_size={args['img_size']} disagrees with a {grid}x{grid} pos_embed")
+        raise InteropError(
+            f"timm model_args img_size={args['img_size']} disagrees with a {grid}x{grid} pos_embed"
+        )
     cfg = {
         "arch": "custom",
         "img_size": grid * patch,

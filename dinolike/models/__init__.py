@@ -9,7 +9,6 @@ from typing import Any
 from dinolike.models.heads import DINOHead
 from dinolike.models.load import (
     CheckpointMismatchError,
-    backbone_state_and_cfg,
     infer_backbone_cfg,
     load_state_strict,
 )
@@ -42,12 +41,13 @@ def load_pretrained(
     The config comes from (in order): the checkpoint itself (training checkpoints), `model_cfg`, a
     `.json` sidecar written by `dinolike export`, or the tensor shapes (official hub files).
     """
-    state, cfg = backbone_state_and_cfg(path, which)
+    from dinolike.interop.official import official_backbone_cfg, read_backbone  # also HF / timm dirs
+
+    state, cfg = read_backbone(path, which)
     if model_cfg is not None and cfg is None:
         cfg = dict(model_cfg)
     if cfg is None:
-        cfg = infer_backbone_cfg(state)
-        cfg["arch"] = "custom"
+        cfg = {**official_backbone_cfg(state), "arch": "custom"}
     model = build_backbone(cfg, drop_path=False)
     load_state_strict(model, state, what=f"backbone in {path}")
     return model.eval(), dict(cfg)

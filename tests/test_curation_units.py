@@ -1,0 +1,141 @@
+"""Building blocks of the curation pipeline, checked against independent computations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components as scipy_components
+
+from curation.config import ConfigError, load_config
+from curation.dedup import deduplicate
+from curation.embed import prepare_sets, submit_embed
+from curation.index import build_index, search
+from curation.sample import balanced_quota, balanced_sample
+from curation.store import ShardSet, StepOutputError
+from curation.unionfind import connected_components
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "curation" / "fmnist_demo.yaml"
+INDEX = {"type": "flat", "flat_max": 0, "nlist": 0, "nprobe": 8, "pq_m": 8, "pq_nbits": 8, "train_size": 10000,
+         "query_chunk": 97, "gpu": "auto"}
+
+
+@pytest.fixture
+def one_faiss_thread() -> Iterator[None]:
+    """OpenMP threads spin-wait: on the shared 2-core CI machine one thread trains PQ several times faster."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_union_find_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    n = 5000
+    src, dst = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
+    labels = connected_components(n, src, dst)
+    _, ref = scipy_components(coo_matrix((np.ones(len(src)), (src, dst)), shape=(n, n)), directed=False)
+    # same partition: the map label -> scipy label is a bijection
+    pairs = np.unique(np.stack([labels, ref]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+    assert (labels <= np.arange(n)).all() and (labels[labels] == labels).all()  # root = smallest member
+    with pytest.raises(ValueError, match="endpoints"):
+        connected_components(3, np.array([0]), np.array([3]))
+
+
+def test_dedup_drops_whole_component_touching_a_reference() -> None:
+    rng = np.random.default_rng(1)
+    base = _unit(rng.normal(size=(200, 64)))  # random unit vectors: pairwise cosine ~ +-0.3
+    chain = _unit(base[0] + 0.1 * np.cumsum(rng.normal(size=(3, 64)) * 0.1, axis=0))  # near-copies of row 0
+    emb = np.concatenate([base, chain, _unit(base[[5]] + 0.01)])  # rows 200-202: copies of 0; 203: copy of 5
+    refs = _unit(np.concatenate([chain[[2]] + 0.02, rng.normal(size=(10, 64))]))  # a reference copies row 202
+    res = deduplicate(emb, refs, {"k": 8, "threshold": 0.6, "ref_threshold": 0.45}, INDEX)
+    assert res.component[203] == 5 and res.keep[5] and not res.keep[203]  # copy of 5 removed, 5 kept
+    assert res.leak[[0, 200, 201, 202]].all() and not res.keep[[0, 200, 201, 202]].any()  # whole group dropped
+    assert res.keep.sum() == 200 - 1  # every other row survives
+    assert res.summary()["duplicates_removed"] == 1 and res.summary()["leaks_removed"] == 4
+
+
+@pytest.mark.parametrize("kind,min_recall", [("ivf", 0.9), ("ivfpq", 0.5)])
+def test_approximate_index_recall_against_flat(kind: str, min_recall: float, one_faiss_thread: None) -> None:
+    rng = np.random.default_rng(2)
+    centers = rng.normal(size=(50, 32))
+    xb = _unit(centers[rng.integers(0, 50, 6000)] + 0.5 * rng.normal(size=(6000, 32)))
+    xq = xb[:300]
+    exact = search(build_index(xb, INDEX), xq, 10, chunk=1000)[1]
+    cfg = {**INDEX, "type": kind, "nlist": 64, "nprobe": 16, "train_size": 3000}
+    sims, ids = search(build_index(xb, cfg), xq, 10, chunk=37)  # chunked search covers every query
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, ids, strict=True)])
+    assert recall >= min_recall, recall
+    if kind == "ivf":  # IVF-Flat scores are exact inner products of the vectors it returns
+        np.testing.assert_allclose(sims, np.einsum("qd,qkd->qk", xq, xb[ids]), atol=1e-5)
+
+
+def test_balanced_quota_is_water_filling() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        cap = rng.integers(0, 40, rng.integers(1, 12))
+        budget = int(rng.integers(0, cap.sum() + 20))
+        q = balanced_quota(budget, cap)
+        assert q.sum() == min(budget, cap.sum()) and (q <= cap).all()
+        if q.sum():  # one water level L: every group gives min(cap, L) or min(cap, L + 1)
+            level = min(int(q[q < cap].min()) if (q < cap).any() else int(cap.max()), int(q.max()))
+            assert ((q == np.minimum(cap, level)) | (q == np.minimum(cap, level + 1))).all()
+
+
+def test_balanced_sample_balances_top_level() -> None:
+    # 3 top clusters over 6 leaf clusters; top 0 holds 900 images, tops 1 and 2 hold 60 and 40
+    leaf_sizes = np.array([500, 400, 30, 30, 25, 15])
+    leaf_of_image = np.repeat(np.arange(6), leaf_sizes)
+    top_of_leaf = np.array([0, 0, 1, 1, 2, 2])
+    ids, leaf = balanced_sample([leaf_of_image, top_of_leaf], target=300, seed=0)
+    per_top = np.bincount(top_of_leaf[leaf], minlength=3)
+    assert len(ids) == 300 and len(np.unique(ids)) == 300
+    assert per_top.tolist() == [200, 60, 40]  # small tops give all they have, the rest goes to the big one
+    assert np.bincount(leaf, minlength=6)[:2].tolist() == [100, 100]  # split evenly inside the big top
+
+
+def test_strict_config_names_unknown_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dedup.treshold"):
+        load_config(DEMO, ["dedup.treshold=0.5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrieve:\n  n_cluster: 10\n")
+    with pytest.raises(ConfigError, match="retrieve.n_cluster"):
+        load_config(bad)
+    assert load_config(DEMO, ["dedup.k=8"]).dedup.k == 8
+
+
+def test_shard_marker_guards(tmp_path: Path) -> None:
+    shards = ShardSet(tmp_path)
+    shards.write_shard(0, np.ones((2, 3), np.float32), ["a", "b"], [0, 1], [], "fp1")
+    assert shards.is_complete(0, "fp1")
+    with pytest.raises(StepOutputError, match="another embedder"):
+        shards.is_complete(0, "fp2")
+    np.save(shards.npy(0), np.ones((1, 3), np.float32))  # rows no longer match the marker: incomplete
+    assert not shards.is_complete(0, "fp1")
+
+
+def test_submit_embed_sends_only_pending_shards(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(pool / f"{i}.png")
+    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'w'}", f"pool=[folder-nolabels:{pool}]", "references=[]",
+                             "seeds=[]", "embed.shard_size=2", "embed.progress=false"])
+
+    class InlineExecutor:  # stands in for a submitit executor: runs the array's tasks right here
+        def map_array(self, fn, *args):  # noqa: ANN001, ANN202
+            return [fn(*a) for a in zip(*args, strict=True)]
+
+    assert submit_embed(cfg, InlineExecutor()) == [True, True, True]
+    assert submit_embed(cfg, InlineExecutor()) == []  # everything complete: nothing submitted
+    assert prepare_sets(cfg) == {"pool": 3}

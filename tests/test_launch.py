@@ -1,0 +1,167 @@
+"""The launcher against a real single-node SLURM cluster (munge, MariaDB, slurmdbd, slurmctld, slurmd).
+
+Skipped (with the reason) unless running as root on Debian with apt access: `launch.cluster` installs
+and starts the daemons once for the module and stops them, by pid, at the end.
+Real training runs use `dinolike train --config configs/fmnist_smoke.yaml`, shrunk; the protocol
+corner cases (admin requeue = SIGTERM, scancel) use the seconds-long stand-in in tests/slurm/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import submit as sub
+from launch.cluster import Cluster, ClusterUnavailable, start_cluster
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["--config", "configs/fmnist_smoke.yaml", "data.batch_size=8", "data.limit=64", "optim.epochs=2",
+         "run.checkpoint_every=2", "run.log_every=1", "run.progress=false"]  # fmt: skip
+STANDIN = "tests.slurm.standin_train:main"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    workdir = Path(tempfile.mkdtemp(prefix="dinolike-slurm-", dir="/tmp"))
+    try:
+        c = start_cluster(workdir)
+    except ClusterUnavailable as e:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.skip(f"no test SLURM cluster: {e}")
+    print(f"\nslurm cluster timings: {c.timings}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SLURM_CONF", str(c.conf))  # submitit's sbatch/sacct/scontrol calls go to this cluster
+    mp.setenv("PYTHONPATH", str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    mp.chdir(REPO)
+    yield c
+    mp.undo()
+    try:
+        if c.alive():
+            c.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _job_field(c: Cluster, job_id: str, key: str) -> str:
+    for token in c.run("scontrol", "show", "job", "-o", job_id, check=False).split():
+        if token.startswith(f"{key}="):
+            return token.split("=", 1)[1]
+    return ""
+
+
+def _wait(cond, timeout: float, what: str, c: Cluster | None = None, job_id: str | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.3)
+    info = c.run("scontrol", "show", "job", job_id, check=False) if c and job_id else ""
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{info}")
+
+
+def _results(job, c: Cluster, timeout: float) -> list:
+    _wait(lambda: job.done(), timeout, f"job {job.job_id} to finish", c, job.job_id)
+    return job.results()
+
+
+def _submit(c: Cluster, tmp_path: Path, tasks: int, rest: list[str], entry: str = "dinolike.cli:main"):
+    args, rest = sub.parse_args(
+        ["train", "--tasks-per-node", str(tasks), "--timeout", "10", "--partition", c.partition,
+         "--job-dir", str(tmp_path / "jobs"), "--entry", entry, "--", *rest]
+    )  # fmt: skip
+    return sub.submit(args, rest)
+
+
+def _iterations(metrics: Path) -> list[int]:
+    return [json.loads(line)["iteration"] for line in metrics.read_text().splitlines()]
+
+
+def test_two_task_training_job_completes(cluster, tmp_path):
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "train", "--tasks-per-node", "2", "--timeout", "10",
+         "--job-dir", str(tmp_path / "jobs"), "--wait", "--", *SMOKE, "optim.epoch_length=2",
+         f"run.output_dir={out}"],
+        capture_output=True, text=True, timeout=240, env=cluster.environ(),
+    )  # fmt: skip
+    print(f"2-task smoke job: {time.monotonic() - t0:.1f}s end to end")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = proc.stdout.split("submitted job ")[1].split(":")[0]
+    logs = tmp_path / "jobs" / job_id
+    assert "rank 0/2" in (logs / f"{job_id}_0_log.err").read_text()
+    assert "rank 1/2" in (logs / f"{job_id}_1_log.err").read_text()
+    assert (out / "checkpoints" / "ckpt_0000004.pt").exists()
+    assert (out / "teacher_backbone.pth").exists()
+    assert _iterations(out / "metrics.jsonl") == [1, 2, 3, 4]
+    # the result pickle is written just before the tasks exit: give SLURM a moment to see them end
+    _wait(lambda: _job_field(cluster, job_id, "JobState") == "COMPLETED", 30, "COMPLETED", cluster, job_id)
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    """SIGUSR2 (what SLURM sends signal_delay_s before the time limit) -> save -> requeue -> resume."""
+    out = tmp_path / "run"
+    job = _submit(cluster, tmp_path, 1, [*SMOKE, "optim.epoch_length=6", f"run.output_dir={out}"])
+    _wait(lambda: (out / "checkpoints" / "ckpt_0000002.pt").exists(), 120, "first checkpoint", cluster,
+          job.job_id)  # fmt: skip
+    t_signal = time.monotonic()
+    cluster.run("scancel", "--signal=USR2", job.job_id)
+    _wait(lambda: _job_field(cluster, job.job_id, "Restarts") == "1", 60, "the requeue", cluster, job.job_id)
+    assert _results(job, cluster, 180) == [0]
+    print(f"USR2 -> requeued run finished: {time.monotonic() - t_signal:.1f}s")
+    log = job.paths.stderr.read_text()
+    assert "requeued job" in log and "resumed from" in log
+    resumed_at = int(log.split("resumed from ")[1].split(" at iteration ")[1].split()[0])
+    assert 2 <= resumed_at < 12  # the stop checkpoint, not the start and not the end
+    assert _iterations(out / "metrics.jsonl") == list(range(1, 13))  # each iteration exactly once
+    assert (out / "checkpoints" / "ckpt_0000012.pt").exists()
+    _wait(lambda: _job_field(cluster, job.job_id, "JobState") == "COMPLETED", 30, "COMPLETED", cluster,
+          job.job_id)  # fmt: skip
+
+
+def test_admin_requeue_resumes_once_and_cancel_is_not_resurrected(cluster, tmp_path):
+    """`scontrol requeue` (SIGTERM to the tasks) must not be requeued a second time by the wrapper,
+    and `scancel` (also SIGTERM) must leave the job cancelled, not requeue it."""
+    out = tmp_path / "standin"
+    rest = ["--out", str(out), "--iters", "30", "--ckpt-every", "5", "--step-s", "0.2"]
+    job = _submit(cluster, tmp_path, 2, rest, entry=STANDIN)
+    _wait(lambda: (out / "ckpt.json").exists(), 60, "first checkpoint", cluster, job.job_id)
+    cluster.run("scontrol", "requeue", job.job_id)
+    assert _results(job, cluster, 120) == [0, 0]
+    assert _job_field(cluster, job.job_id, "Restarts") == "1"
+    history = json.loads((out / "ckpt.json").read_text())["history"]
+    assert [h["iteration"] for h in history] == list(range(1, 31))
+    restarts = [h["restart"] for h in history]
+    assert restarts == sorted(restarts) and set(restarts) == {0, 1}  # resumed, did not start over
+    assert all(h["world"] == 2 and h["ranks_sum"] == 3.0 for h in history)  # both ranks all-reduced
+
+    out2 = tmp_path / "cancelled"
+    job2 = _submit(cluster, tmp_path, 1, ["--out", str(out2), "--iters", "200", "--step-s", "0.2"], STANDIN)
+    _wait(lambda: (out2 / "ckpt.json").exists(), 60, "first checkpoint", cluster, job2.job_id)
+    cluster.run("scancel", job2.job_id)
+    _wait(lambda: not cluster.run("squeue", "-h", "-j", job2.job_id, check=False).strip(), 30,
+          "the cancelled job to leave the queue", cluster, job2.job_id)  # fmt: skip
+    time.sleep(2)  # a wrongful requeue would show up as PENDING again
+    assert _job_field(cluster, job2.job_id, "JobState") == "CANCELLED"
+    assert _job_field(cluster, job2.job_id, "Restarts") == "0"
+    assert "not requeuing" in job2.paths.stderr.read_text()
+
+
+def test_stop_ends_every_daemon_by_pid(cluster):
+    pids = dict(cluster.pids)
+    assert set(pids) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}
+    assert cluster.alive() == pids
+    stopped = cluster.stop()
+    assert stopped == pids
+    for name, pid in pids.items():
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in "ZX", name
