@@ -36,7 +36,8 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
     step = 100_000
     for s in range(0, n_base, step):  # chunks keep the temporaries small
         m = min(step, n_base - s)
-        x[s : s + m] = centres[rng.integers(0, len(centres), m)] + rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        noise = rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        x[s : s + m] = centres[rng.integers(0, len(centres), m)] + noise
     x[:n_base] /= np.linalg.norm(x[:n_base], axis=1, keepdims=True)
     src = rng.integers(0, n_base, n_copies)
     x[n_base:] = x[src] + 0.3 * rng.standard_normal((n_copies, dim), dtype=np.float32) / np.sqrt(dim)

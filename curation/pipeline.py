@@ -24,7 +24,7 @@ from curation.retrieve import cluster_based, sample_based
 from curation.sample import balanced_sample, hierarchical_kmeans
 from curation.store import StepOutputError, save_npz, write_json, write_lines
 
-__all__ = ["STEPS", "run_step", "step_dedup", "step_retrieve", "step_sample", "step_build"]
+__all__ = ["STEPS", "run_step", "load_dedup", "step_dedup", "step_retrieve", "step_sample", "step_build"]
 
 log = logging.getLogger(__name__)
 SAMPLE_METHOD, CLUSTER_METHOD = 0, 1

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 FEATURE_FORMAT_VERSION = 1
 
 
+class FeatureError(RuntimeError):
+    """Extraction cannot produce features (e.g. no image of the dataset decodes); shown without traceback."""
+
+
 @dataclass
 class FeatureSet:
     """Features of one dataset: what the protocols consume.
@@ -201,7 +205,7 @@ def _gather_across_ranks(parts: dict[str, Tensor], n_total: int) -> dict[str, Te
         out[key] = torch.cat([b[: int(c.item())] for b, c in zip(buf, counts, strict=True)]).cpu()
     order = out["index"].argsort()
     if out["index"].shape[0] and int(out["index"].max().item()) >= n_total:
-        raise RuntimeError("gathered feature indices exceed the dataset size: ranks disagree on the dataset")
+        raise FeatureError("gathered feature indices exceed the dataset size: ranks disagree on the dataset")
     return {k: v[order] for k, v in out.items()}
 
 
@@ -270,7 +274,7 @@ def extract_features(
     if model is not None:
         model.train(was_training)  # the periodic kNN runs mid-training: leave the mode as we found it
     if not cls_parts:
-        raise RuntimeError(f"{desc}: no decodable images ({skipped} skipped of {len(indices)})")
+        raise FeatureError(f"{desc}: no decodable images ({skipped} skipped of {len(indices)})")
     parts = {
         "cls": torch.cat(cls_parts),
         "labels": torch.cat(lab_parts),

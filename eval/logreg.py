@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -128,11 +129,13 @@ def _logreg_eval(
             model = _make_model(backend, c, max_iter, warm=True)
         else:
             model.set_params(C=c)
+        t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning at tiny C is expected and harmless
             model.fit(xf, train_y[fit_idx])
         v1, _ = _accuracies(np.asarray(model.predict_proba(xv)), np.asarray(model.classes_), train_y[val_idx])
-        sweep.append({"C": c, "val_top1": v1})
+        n_iter = int(np.max(getattr(model, "n_iter_", [-1])))
+        sweep.append({"C": c, "val_top1": v1, "n_iter": n_iter, "seconds": time.perf_counter() - t0})
     best = max(sweep, key=lambda r: r["val_top1"])
     xa, xt = scale(train_x, train_x, test_x)
     final = _make_model(backend, best["C"], max_iter, warm=False)
@@ -195,6 +198,8 @@ def run(args: argparse.Namespace) -> dict:
             "val top1": r["val_top1"],
             "test top1": res["test_top1"] if r["C"] == res["best_C"] else "",
             "test top5": res["test_top5"] if r["C"] == res["best_C"] else "",
+            "iters": r["n_iter"],
+            "fit s": r["seconds"],
         }
         for r in sweep
     ]

@@ -116,7 +116,7 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """[B, C, H, W] -> [B, 1 + R + N, D]; masked patches are replaced by the learned mask token."""
-        B, _, H, W = x.shape
+        B, H, W = x.shape[0], int(x.shape[-2]), int(x.shape[-1])  # ints, also under jit tracing (fvcore)
         x = self.patch_embed(x)  # [B, N, D]
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)

@@ -44,23 +44,78 @@ def build_method(cfg: DictConfig) -> nn.Module:
     return SSLMethod(cfg)
 
 
-def _check_finite(it: int, metrics: dict[str, torch.Tensor]) -> None:
-    for name, v in metrics.items():
-        if not math.isfinite(float(v.detach())):
+def _check_finite(it: int, metrics: dict[str, torch.Tensor], reduce: bool = True) -> None:
+    """Raise on NaN/inf. With `reduce`, a non-finite value on any rank is seen by all (a sum over ranks
+    stays non-finite), so every rank stops together instead of the others waiting in a collective."""
+    names = sorted(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in names])  # [n_metrics]
+    if reduce:
+        values = dist.all_reduce_sum(values)
+    for name, v in zip(names, values.tolist(), strict=True):
+        if not math.isfinite(v):
             raise NonFiniteLossError(
-                f"{name} is {float(v.detach())} at iteration {it}; the run stopped and the last checkpoint is intact. "
-                "Lower optim.base_lr, raise teacher.warmup_temp_epochs or check the data."
+                f"{name} is {v} at iteration {it} (summed over ranks); the run stopped and the last "
+                "checkpoint is intact. Lower optim.base_lr, raise teacher.warmup_temp_epochs or check the data."
             )
 
 
+def _global_window(window: dict[str, torch.Tensor], n: int, images: int, skipped: int,
+                   device: torch.device) -> tuple[dict[str, float], int, int]:
+    """Window means of the metrics averaged over ranks, and image / skip counts summed over ranks.
+
+    Each rank's loss is the mean over its slice of the global batch, so with equal slices the rank
+    average is the loss of the global batch: the logged curve does not depend on the world size.
+    """
+    names = sorted(window)
+    local = torch.stack([window[k].detach().double().reshape(()).to(device) / n for k in names]
+                        + [torch.tensor(float(images), dtype=torch.float64, device=device),
+                           torch.tensor(float(skipped), dtype=torch.float64, device=device)])  # [n + 2]
+    total = dist.all_reduce_sum(local).tolist()
+    world = torch.distributed.get_world_size() if dist.is_enabled() else 1
+    return {k: v / world for k, v in zip(names, total, strict=False)}, int(total[-2]), int(total[-1])
+
+
+def _any_rank_empty(batch: dict) -> bool:
+    """True when the batch of this or another rank has no readable image: then every rank skips the
+    step together (a lone skip would leave the others waiting in the gradient all-reduce)."""
+    return bool(dist.host_all_reduce_max([int(batch["batch_size"] == 0)])[0])
+
+
 def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConfig) -> dict:
+    """Collective under FSDP (shards are gathered to rank 0): every rank calls, rank 0 saves."""
     return {
         "model": {k: fsdp.model_state(v) for k, v in method.checkpointed_parts().items()},
         "optimizer": fsdp.optim_state(method.student, opt),
         "iteration": it,
         "config": ck.config_json(to_container(cfg)),
-        "rng": ck.rng_state(),
+        "rng": ck.rng_state(),  # rank 0's
+        "rng_ranks": dist.all_gather_objects(ck.rng_state()),  # every rank's (drop path differs per rank)
     }
+
+
+def _restore_rng(ckpt: dict, env: dist.DistEnv, seed: int, it: int) -> None:
+    """Each rank takes back its own RNG state; after a change of world size the ranks beyond rank 0
+    start fresh, distinct streams (rank 0 keeps the saved one)."""
+    per_rank = ckpt.get("rng_ranks")
+    if per_rank is not None and len(per_rank) == env.world_size:
+        ck.set_rng_state(per_rank[env.rank])
+    elif env.is_main:
+        ck.set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(seed + env.rank + 1_000_003 * it)
+
+
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """A checkpoint file, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        found = ck.list_checkpoints(p / "checkpoints") or ck.list_checkpoints(p)
+        if not found:
+            raise FileNotFoundError(f"{what}: no checkpoint (ckpt_*.pt) in {p} or {p / 'checkpoints'}")
+        return found[-1]
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: checkpoint not found: {p}")
+    return p
 
 
 def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, source: Path) -> None:
@@ -91,12 +146,13 @@ def train(cfg: DictConfig) -> int:
     env = dist.init_distributed(cfg.run.device)
     out = Path(cfg.run.output_dir)
     ckpt_dir = out / "checkpoints"
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config.yaml")
     torch.manual_seed(cfg.run.seed + env.rank)
 
     method = build_method(cfg)
+    cfg = method.cfg  # the method may complete the config (distillation: the teacher's heads)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, out / "config.yaml")
     method.to(env.device)
     method.prepare_distributed(env)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
@@ -108,15 +164,19 @@ def train(cfg: DictConfig) -> int:
     if resume_from:
         ckpt = ck.load_checkpoint(resume_from[0])
         _restore(method, opt, ckpt, resume_from[0])
-        ck.set_rng_state(ckpt["rng"])
         start = ckpt["iteration"]
+        _restore_rng(ckpt, env, cfg.run.seed, start)
         log.info("resumed from %s at iteration %d", resume_from[0], start)
     elif cfg.run.init_from:
-        src = Path(cfg.run.init_from)
+        src = resolve_checkpoint(cfg.run.init_from, what="run.init_from")
         ckpt = ck.load_checkpoint(src)
         _restore(method, opt, ckpt, src)
         start = ckpt["iteration"]  # the schedules continue where the previous phase stopped
         log.info("phase starts from %s at iteration %d", src, start)
+        if start >= sched.total:
+            print(f"run.init_from {src} is at iteration {start}, but this phase ends at {sched.total} "
+                  "(optim.epochs * optim.epoch_length): a phase must set a larger optim.epochs", file=sys.stderr)
+            return 2
     if start >= sched.total:
         if env.is_main:
             print(f"nothing to do: {out} already reached iteration {start} of {sched.total}", file=sys.stderr)
@@ -131,12 +191,16 @@ def train(cfg: DictConfig) -> int:
     n_window, skipped, t_window, imgs_window = 0, 0, time.perf_counter(), 0
     it = start
     params = [p for g in opt.param_groups for p in g["params"]]
+    clip_groups = getattr(method, "grad_clip_groups", lambda: [params])()  # distillation: per student
     try:
         for batch in loader:
             if it >= sched.total:
                 break
             skipped += batch["skipped"]
-            if batch["batch_size"] == 0:  # every image of the batch was unreadable
+            if (batch["batch_size"] == 0 if not env.enabled else _any_rank_empty(batch)):
+                # every image of a batch was unreadable: the step is skipped (on every rank), and the
+                # readable images of the other ranks are counted as skipped too
+                skipped += batch["batch_size"]
                 it += 1
                 continue
             batch = method.to_device(batch, env.device)
@@ -145,35 +209,36 @@ def train(cfg: DictConfig) -> int:
             with _autocast(env.device, cfg):
                 loss, metrics = method.forward_loss(batch, s)
             if env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0:
-                _check_finite(it, metrics)  # a sync: every step on CPU, at log time on GPU
+                _check_finite(it, metrics)  # a sync (over ranks too): every step on CPU, at log time on GPU
             opt.zero_grad(set_to_none=True)
             loss.backward()
             method.sync_gradients()
             if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad, foreach=True)
+                for group in clip_groups:
+                    torch.nn.utils.clip_grad_norm_(group, cfg.optim.clip_grad, foreach=True)
             opt.step()
             method.after_step(s)
             it += 1
             n_window += 1
-            imgs_window += batch["batch_size"] * env.world_size
+            imgs_window += batch["batch_size"]
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v.detach()
             if bar is not None:
                 bar.update(1)
             if it % cfg.run.log_every == 0 or it == sched.total:
-                row = {k: float(v) / n_window for k, v in window.items()}
+                row, imgs, skipped_all = _global_window(window, n_window, imgs_window, skipped, env.device)
                 dt = time.perf_counter() - t_window
-                row.update(iteration=it, img_per_s=imgs_window / dt, skipped=skipped,
+                row.update(iteration=it, img_per_s=imgs / dt, skipped=skipped_all,
                            **{k: s[k] for k in ("lr", "wd", "momentum", "teacher_temp")})
-                row.update(method.periodic_eval(it, cfg, env))
-                _check_finite(it, {k: torch.tensor(row[k]) for k in metrics})
+                row.update(method.periodic_eval(it, cfg, env))  # every rank: feature extraction is sharded
+                _check_finite(it, {k: torch.tensor(row[k]) for k in metrics}, reduce=False)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
                 window, n_window, imgs_window, t_window = {}, 0, 0, time.perf_counter()
-            reason = stop.should_stop()
+            reason = _agreed_stop(stop, it, cfg.run.log_every)
             if it % cfg.run.checkpoint_every == 0 or it == sched.total or reason:
                 _save(method, opt, it, cfg, ckpt_dir, env)
             if reason:
@@ -191,6 +256,22 @@ def train(cfg: DictConfig) -> int:
     return 0
 
 
+def _agreed_stop(stop: StopFlag, it: int, every: int) -> str | None:
+    """Stop only when every rank stops at the same iteration: ranks agree (MAX all-reduce) every
+    `every` iterations, so a signal that reaches ranks at different times cannot split them."""
+    if not dist.is_enabled():
+        return stop.should_stop()
+    if it % every:
+        return None
+    import torch.distributed as tdist
+
+    flag = torch.tensor([1.0 if stop.should_stop() else 0.0], device=dist.current_device())
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    if flag.item() and stop.requested is None:
+        stop.requested = "peer"  # another rank got the signal
+    return stop.requested if flag.item() else None
+
+
 def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv) -> None:
     state = _state(method, opt, it, cfg)
     if env.is_main:
@@ -199,11 +280,15 @@ def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env:
 
 
 def _export(method: nn.Module, cfg: DictConfig, out: Path, env: dist.DistEnv) -> None:
-    if env.is_main:
-        export_backbone(method.kept_backbone(), cfg.model, out / "teacher_backbone.pth")
-        extra = getattr(method, "extra_backbones", dict)()
-        for name, (backbone, model_cfg) in extra.items():
-            export_backbone(backbone, model_cfg, out / f"{name}_backbone.pth")
+    """Every rank calls (under FSDP the full tensors are gathered to rank 0); rank 0 writes plain,
+    unsharded state dicts, and the others wait so that nothing reads the file before it exists."""
+    backbones = {"teacher": (method.kept_backbone(), cfg.model)}
+    backbones.update(getattr(method, "extra_backbones", dict)())
+    for name, (backbone, model_cfg) in backbones.items():
+        plain = method.plain_backbone(backbone, model_cfg, torch.device("cpu"), rank0_only=True)
+        if env.is_main:
+            export_backbone(plain, model_cfg, out / f"{name}_backbone.pth")
+    dist.barrier()
 
 
 def _progress(cfg: DictConfig, env: dist.DistEnv, start: int, total: int):

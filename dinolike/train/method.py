@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dinolike import dist
+
+log = logging.getLogger("dinolike.train")
 
 
 class Method(nn.Module):
@@ -63,23 +67,44 @@ class Method(nn.Module):
             fsdp.shard(self.sharded_parts(), env.device, env.world_size, bf16)
         self._grad_all_reduce = strategy == "ddp" and env.enabled
         self.strategy = strategy if env.enabled else "none"
+        if env.is_main:
+            log.info("distributed: world_size=%d strategy=%s device=%s", env.world_size, self.strategy,
+                     env.device)
 
     def sync_gradients(self) -> None:
-        """DDP mode: average gradients over ranks (FSDP reduce-scatters them itself in backward)."""
+        """After backward. DDP mode: average gradients over ranks. FSDP mode: gradients are already
+        reduce-scattered; reshard what forward left gathered (teacher), before the step and the EMA."""
         if getattr(self, "_grad_all_reduce", False):
             grads = [p.grad for p in self.student.parameters() if p.grad is not None]
             dist.all_reduce_mean_(grads)
+        if getattr(self, "strategy", "none") == "fsdp":
+            from dinolike import fsdp
+
+            for part in self.sharded_parts():
+                fsdp.reshard(part)
 
     @staticmethod
     def to_device(batch: dict, device: torch.device) -> dict:
         nb = device.type == "cuda"
         return {k: v.to(device, non_blocking=nb) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
+    def plain_backbone(self, backbone: nn.Module, model_cfg: DictConfig, device: torch.device,
+                       rank0_only: bool = False) -> nn.Module | None:
+        """`backbone` itself, or under FSDP an unsharded copy (collective; None off rank 0 when
+        rank0_only): for code that runs it unevenly across ranks (feature extraction, export)."""
+        from dinolike import fsdp
+        from dinolike.models import build_backbone
+
+        if not fsdp.is_sharded(backbone):
+            return backbone
+        return fsdp.unsharded_copy(backbone, lambda: build_backbone(model_cfg), device, rank0_only)
+
     def periodic_eval(self, it: int, cfg: DictConfig, env: dist.DistEnv) -> dict[str, float]:
-        """Every `eval.knn_every` iterations: kNN top-1 of the kept backbone on a small labelled set."""
+        """Every `eval.knn_every` iterations: kNN top-1 of the kept backbone on a small labelled set.
+        Every rank must call: the features are extracted on all ranks (each a slice) and all-gathered."""
         e = cfg.eval
         if not e.knn_every or it % e.knn_every or not e.knn_train or not e.knn_val:
             return {}
         from dinolike.train.periodic_eval import periodic_knn
 
-        return periodic_knn(self.kept_backbone(), cfg, env)
+        return periodic_knn(self.plain_backbone(self.kept_backbone(), cfg.model, env.device), cfg, env)
