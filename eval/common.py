@@ -418,6 +418,12 @@ class EvalSetup:
         feats, hit = cached_features(cache_dir, key, compute)
         self.timings[f"features[{spec}]"] = t()
         self.cache_hits[spec] = hit
+        n_unlabelled = int((feats.labels < 0).sum())
+        if n_unlabelled:
+            raise EvalError(
+                f"{spec}: {n_unlabelled} of {len(feats)} items have no label (images outside class "
+                "sub-folders, or an unlabelled spec); supervised evals need labels"
+            )
         self.resolution = crop
         return feats
 

@@ -254,3 +254,40 @@ def test_eval_at_another_resolution_interpolates_position_embeddings(tmp_path) -
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["resolution"] == 42 and res["n_train"] == 60
     assert 0.0 <= res["metrics"]["k3_top1"] <= 100.0
+
+
+def test_image_folder_with_a_corrupt_file_is_a_counted_skip(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(5):
+            size = (20 + 3 * i, 24)  # mixed sizes: the eval transform must resize + crop them
+            arr = rng.integers(0, 256, size=(*size[::-1], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "data" / cls / f"{i}.png")
+    (tmp_path / "data" / "b" / "broken.png").write_bytes(b"\x89PNG truncated")
+    spec = f"folder:{tmp_path / 'data'}"
+    args = [
+        "knn",
+        "--pretrained",
+        "pixels",
+        "--train-dataset",
+        spec,
+        "--val-dataset",
+        spec,
+        "eval.resolution=16",
+        "eval.knn.ks=[1]",
+        "eval.num_workers=0",
+        "--no-progress",
+        "--no-cache",
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    assert eval_main(args) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["skipped"] == {"train": 1, "test": 1} and res["n_train"] == 10
+    assert res["feature_dim"] == 3 * 16 * 16
+    assert res["metrics"]["k1_top1"] == 100.0  # every image finds itself
+    # an image outside the class folders has no label: a clear error, not a crash in the protocol
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "loose.png")
+    assert eval_main(args) == 2
+    assert "have no label" in capsys.readouterr().err

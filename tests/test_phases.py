@@ -99,7 +99,8 @@ def distilled(pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     seen = capture_method(mp)
     try:
         status = train_cli(["distill", "--config", str(recipe), "--teacher", str(pretrained), *TINY,
-                            f"run.output_dir={out}", "optim.epochs=1", "optim.epoch_length=3"])
+                            f"run.output_dir={out}", "optim.epochs=1", "optim.epoch_length=3",
+                            "heads.out_dim=32", "heads.ibot_out_dim=32"])  # the teacher's heads win
     finally:
         mp.undo()
     assert status == 0
@@ -159,9 +160,10 @@ def test_multi_student_exports_each_students_ema(distilled: dict) -> None:
         ema = method.emas[i]["backbone"].state_dict()
         for k, v in model.state_dict().items():
             assert torch.equal(v, ema[k]), f"{name}: {k} is not student {i}'s EMA"
-    # the students predict over the teacher's prototypes: the saved config says so
+    # the students predict over the teacher's 64 prototypes (not the 32 asked for): the saved config says so
     saved = load_config(out / "config.yaml")
-    assert saved.heads.out_dim == 64 and saved.distill.teacher
+    assert saved.heads.out_dim == saved.heads.ibot_out_dim == 64 and saved.distill.teacher
+    assert all(s["dino_head"].last_layer.weight_v.shape[0] == 64 for s in method.students)
 
 
 def test_distillation_resumes_bit_exact(pretrained: Path, tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from dinolike.models.load import CheckpointMismatchError
+
 _NAME = re.compile(r"ckpt_(\d{7,})\.pt$")
 
 
@@ -72,10 +74,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - named file, readable reason
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     for key in ("model", "optimizer", "iteration", "config"):
         if key not in ckpt:
-            raise RuntimeError(f"{path} is not a dinolike training checkpoint (no '{key}')")
+            raise CheckpointMismatchError(f"{path} is not a dinolike training checkpoint (no '{key}')")
     return ckpt
 
 

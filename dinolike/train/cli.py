@@ -15,7 +15,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     if command == "distill":
         p.add_argument("--teacher", help="pretraining checkpoint of the frozen teacher (= distill.teacher)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return command, p.parse_args(argv[1:])
+    return command, p.parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +33,8 @@ def main(argv: list[str]) -> int:
         print("dinolike distill: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
               file=sys.stderr)
         return 2
+    from dinolike.data.datasets import DataError
+    from dinolike.models import CheckpointMismatchError
     from dinolike.train.loop import NonFiniteLossError, train
     from dinolike.train.periodic_eval import final_knn
 
@@ -41,6 +43,10 @@ def main(argv: list[str]) -> int:
     except NonFiniteLossError as e:
         print(f"dinolike {command}: {e}", file=sys.stderr)
         return 1
+    except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:
+        # problems the user can fix: one line, no traceback from deep inside
+        print(f"dinolike {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     if status == 0 and cfg.eval.final_knn:
         final_knn(cfg)
     return status

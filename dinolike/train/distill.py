@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from dinolike.models import load_state_strict
+from dinolike.models import CheckpointMismatchError, load_state_strict
 from dinolike.train.checkpoint import load_checkpoint
 from dinolike.train.method import Method
 from dinolike.train.optim import param_groups
@@ -35,7 +35,7 @@ def _teacher_config(path: str | Path) -> tuple[DictConfig, dict, Path]:
     src = resolve_checkpoint(path, what="distill.teacher")
     ckpt = load_checkpoint(src)
     if "teacher" not in ckpt["model"]:
-        raise RuntimeError(
+        raise CheckpointMismatchError(
             f"distill.teacher {src} holds {sorted(ckpt['model'])}, not a pretraining 'teacher'; give the "
             "checkpoint of a `dinolike train` run (a distilled student cannot be a teacher yet)"
         )

@@ -20,6 +20,7 @@ from torch import nn
 
 from dinolike import dist, fsdp
 from dinolike.config import to_container
+from dinolike.models.load import CheckpointMismatchError
 from dinolike.train import checkpoint as ck
 from dinolike.train.data import build_train_loader
 from dinolike.train.export import export_backbone
@@ -124,7 +125,7 @@ def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, s
     parts = method.checkpointed_parts()
     missing = sorted(set(parts) - set(ckpt["model"]))
     if missing:
-        raise RuntimeError(f"{source} has no {missing} state; it was written by another kind of run")
+        raise CheckpointMismatchError(f"{source} has no {missing} state; it was written by another kind of run")
     for name, module in parts.items():
         check_state(module, ckpt["model"][name], what=f"'{name}' in {source}")
         fsdp.load_model_state(module, ckpt["model"][name])
@@ -132,7 +133,7 @@ def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, s
         try:
             fsdp.load_optim_state(method.student, opt, ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
-            raise RuntimeError(f"optimizer state in {source} does not fit this model: {e}") from None
+            raise CheckpointMismatchError(f"optimizer state in {source} does not fit this model: {e}") from None
 
 
 def _autocast(device: torch.device, cfg: DictConfig):

@@ -33,6 +33,24 @@ def build_student(cfg: DictConfig, model_cfg: DictConfig | None = None) -> nn.Mo
     return nn.ModuleDict(parts)
 
 
+def compile_step_modules(root: nn.Module, **compile_kwargs) -> int:
+    """`run.compile`: compile every transformer block and projection head under `root`, in place.
+
+    `module.compile()` keeps the module (and so the state-dict keys, FSDP units and EMA pairing) and
+    only swaps its call for the compiled one; the glue between them (crop lists, masks, losses) stays
+    eager, so a change of crop size or mask count recompiles a block, not the step. Returns the number
+    of modules compiled.
+    """
+    from dinolike.layers import Block
+
+    n = 0
+    for m in root.modules():
+        if isinstance(m, (Block, DINOHead)):
+            m.compile(**compile_kwargs)
+            n += 1
+    return n
+
+
 class SSLTargets(nn.Module):
     """Teacher logits -> target distributions (Sinkhorn-Knopp or softmax with an EMA centre)."""
 
