@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.index import build_index, search
+from curation.index import build_index, gpu_enabled, index_kind, iter_search, search
+from curation.selfjoin import threshold_join
 from curation.unionfind import connected_components
 
 __all__ = ["DedupResult", "self_edges", "reference_matches", "deduplicate"]
@@ -54,15 +55,27 @@ class DedupResult:
 def self_edges(
     emb: np.ndarray, k: int, threshold: float, index_cfg: Mapping[str, Any], seed: int = 0, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pool-pool edges (i, j), i < j, between k-nearest neighbours with cosine > threshold: ([E], [E])."""
+    """Pool-pool edges (i, j), i < j, between k-nearest neighbours with cosine > threshold: ([E], [E]).
+
+    Exact faiss kNN while the pool is small (or on GPUs); the inverted-list self-join (curation/selfjoin.py)
+    otherwise, whose cost grows linearly with the pool.
+    """
+    n = len(emb)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if index_kind(n, n, index_cfg) != "flat" and not gpu_enabled(index_cfg["gpu"]):
+        return threshold_join(emb, threshold, k, index_cfg, seed, progress)
     index = build_index(emb, index_cfg, seed=seed, what="pool")
-    sims, ids = search(index, emb, k + 1, int(index_cfg["query_chunk"]), progress, "dedup kNN")  # +1: itself
-    rows = np.broadcast_to(np.arange(len(emb))[:, None], ids.shape)
-    hit = (sims > threshold) & (ids >= 0) & (ids != rows)  # [N, k+1]
-    src, dst = rows[hit], ids[hit]
+    src_parts, dst_parts = [], []
+    for s, sims, ids in iter_search(index, emb, k + 1, int(index_cfg["query_chunk"]), progress, "dedup kNN"):
+        rows = np.broadcast_to(np.arange(s, s + len(ids))[:, None], ids.shape)  # +1 above: itself
+        hit = (sims > threshold) & (ids >= 0) & (ids != rows)  # [c, k+1]
+        src_parts.append(rows[hit])
+        dst_parts.append(ids[hit])
+    src, dst = np.concatenate(src_parts), np.concatenate(dst_parts)
     lo, hi = np.minimum(src, dst), np.maximum(src, dst)
-    pairs = np.unique(lo * len(emb) + hi)  # i->j and j->i are one edge
-    return pairs // len(emb), pairs % len(emb)
+    pairs = np.unique(lo * n + hi)  # i->j and j->i are one edge
+    return pairs // n, pairs % n
 
 
 def reference_matches(
@@ -70,7 +83,7 @@ def reference_matches(
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest reference of each pool image: (cosine [N], reference id [N], -1 where cosine <= threshold)."""
-    index = build_index(refs, index_cfg, seed=seed, what="reference set")
+    index = build_index(refs, index_cfg, seed=seed, what="reference set", n_queries=len(emb))
     sims, ids = search(index, emb, 1, int(index_cfg["query_chunk"]), progress, "reference kNN")
     sim, rid = sims[:, 0], ids[:, 0]
     return sim, np.where(sim > threshold, rid, -1)

@@ -128,7 +128,7 @@ def step_retrieve(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
         summary["sample_based"] = len(found[-1][1].ids)
     if "cluster" in methods:
         got, stats = cluster_based(pool, seeds, int(r.n_clusters), int(r.min_seeds), int(r.per_cluster),
-                                   int(r.kmeans_iters), int(cfg.seed), cfg.index.gpu)
+                                   int(r.kmeans_iters), int(cfg.seed), cfg.index.gpu, int(r.kmeans_train_per_cluster))
         found.append((CLUSTER_METHOD, got))
         summary.update({"cluster_based": len(got.ids), **{f"cluster_{k}": v for k, v in stats.items()}})
     for method, got in found:

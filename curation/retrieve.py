@@ -35,7 +35,7 @@ def sample_based(
     progress: bool = False,
 ) -> Retrieved:
     """k nearest pool rows of each seed; an image reached from several seeds keeps its most similar one."""
-    index = build_index(pool, index_cfg, seed=seed, what="deduplicated pool")
+    index = build_index(pool, index_cfg, seed=seed, what="deduplicated pool", n_queries=len(seeds))
     sims, ids = search(index, seeds, k, int(index_cfg["query_chunk"]), progress, "retrieve kNN")  # [S, k]
     ranks = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
     seed_ix = np.broadcast_to(np.arange(len(seeds))[:, None], sims.shape)
@@ -50,11 +50,16 @@ def sample_based(
 
 def cluster_based(
     pool: np.ndarray, seeds: np.ndarray, n_clusters: int, min_seeds: int, per_cluster: int, niter: int,
-    seed: int = 0, gpu: Any = "auto",
+    seed: int = 0, gpu: Any = "auto", train_per_cluster: int = 64,
 ) -> tuple[Retrieved, dict[str, int]]:
-    """Images of the clusters that hold more than `min_seeds` seeds, up to `per_cluster` each (at random)."""
+    """Images of the clusters that hold more than `min_seeds` seeds, up to `per_cluster` each (at random).
+
+    k-means trains on a random subsample of `train_per_cluster` images per cluster (its cost does not grow
+    with the pool); every pool image is then assigned to its nearest centroid in chunks.
+    """
     n_clusters = min(n_clusters, len(pool))
-    centroids = kmeans(pool, n_clusters, niter=niter, seed=seed, gpu=gpu)  # [C, D]
+    centroids = kmeans(pool, n_clusters, niter=niter, seed=seed, gpu=gpu,
+                       max_points_per_centroid=train_per_cluster)  # [C, D]
     pool_c, _ = assign(pool, centroids)  # [N]
     seed_c, _ = assign(seeds, centroids)  # [S]
     n_seeds = np.bincount(seed_c, minlength=n_clusters)  # [C]

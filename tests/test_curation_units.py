@@ -21,8 +21,8 @@ from curation.store import ShardSet, StepOutputError
 from curation.unionfind import connected_components
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "curation" / "fmnist_demo.yaml"
-INDEX = {"type": "flat", "flat_max": 0, "nlist": 0, "nprobe": 8, "pq_m": 8, "pq_nbits": 8, "train_size": 10000,
-         "query_chunk": 97, "gpu": "auto"}
+INDEX = {"type": "flat", "flat_max_pairs": 0, "nlist": 0, "list_size": 256, "nprobe": 8, "quantizer": "auto",
+         "train_per_list": 40, "train_iters": 10, "pq_m": 8, "pq_nbits": 8, "query_chunk": 97, "gpu": "auto"}
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_approximate_index_recall_against_flat(kind: str, min_recall: float, one
     xb = _unit(centers[rng.integers(0, 50, 6000)] + 0.5 * rng.normal(size=(6000, 32)))
     xq = xb[:300]
     exact = search(build_index(xb, INDEX), xq, 10, chunk=1000)[1]
-    cfg = {**INDEX, "type": kind, "nlist": 64, "nprobe": 16, "train_size": 3000}
+    cfg = {**INDEX, "type": kind, "nlist": 64, "nprobe": 16, "train_per_list": 47}
     sims, ids = search(build_index(xb, cfg), xq, 10, chunk=37)  # chunked search covers every query
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, ids, strict=True)])
     assert recall >= min_recall, recall

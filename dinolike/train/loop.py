@@ -156,6 +156,10 @@ def train(cfg: DictConfig) -> int:
         OmegaConf.save(cfg, out / "config.yaml")
     method.to(env.device)
     method.prepare_distributed(env)
+    if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
+        from dinolike.train.ssl import compile_step_modules
+
+        compile_step_modules(method)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
     global_batch = cfg.data.batch_size * env.world_size
     sched = build_schedules(cfg, global_batch)
