@@ -7,7 +7,7 @@ the unit sphere, points = centre + noise (within-cluster cosine ~0.5, so cluster
 plus 5 % injected near-copies of random points (cosine ~0.95) that dedup must merge. Retrieval: 10 000
 seeds drawn near 50 of the centres, sample-based (k = 4) and cluster-based (1 000 k-means clusters).
 Everything runs with the schema's defaults (configs/curation/base.yaml): dedup is the inverted-list
-self-join (N / 256 lists, nprobe 8), retrieval an IVF index sized for its 10 000 queries. Run it under
+self-join (N / 256 lists, nprobe 16), retrieval an IVF index sized for its 10 000 queries. Run it under
 `nice -n 19` on a shared machine; `--threads 1` avoids OpenMP spin-waiting when other jobs hold the cores.
 """
 

@@ -25,8 +25,8 @@ from eval.knn import knn_eval  # noqa: E402
 from eval.linear import linear_probe  # noqa: E402
 from eval.logreg import logreg_eval  # noqa: E402
 
-# the random ViT baseline: the CPU recipe's architecture on 28 px images (3 channels like the default run)
-RANDOM_ARGS = ["--config", "vit_pico", "model.patch_size=4", "model.img_size=28", "crops.global_size=28"]
+# the random ViT baseline: the default recipe's architecture and initialisation, untrained
+RANDOM_ARGS = ["--config", "configs/fmnist_cpu.yaml"]
 
 
 def _clustered(n: int, dim: int, n_classes: int, seed: int, n_blocks: int = 1) -> FeatureSet:

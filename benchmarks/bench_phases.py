@@ -2,7 +2,7 @@
 
   python benchmarks/bench_phases.py --pretrained runs/fmnist_cpu --minutes 20          # both parts
   python benchmarks/bench_phases.py --pretrained runs/fmnist_cpu --only distill --minutes 20
-  python benchmarks/bench_phases.py --pretrained runs/fmnist_cpu --only highres --phase-epochs 1
+  python benchmarks/bench_phases.py --pretrained runs/fmnist_cpu --only highres --phase-epochs 0.25
 
 (a) distill: the student of configs/fmnist_distill.yaml (vit_pico) is distilled from the --pretrained run
     (the teacher) and, separately, pretrained from scratch with the default recipe (fmnist_cpu.yaml with
@@ -55,7 +55,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the low-res pretraining run (folder or checkpoint): teacher of (a), start of (b)")
     p.add_argument("--only", choices=["distill", "highres"], help="run one part only")
     p.add_argument("--minutes", type=float, default=20.0, help="training budget of each arm of (a)")
-    p.add_argument("--phase-epochs", type=int, default=1, help="extra epochs of the high-res phase (b)")
+    p.add_argument("--phase-epochs", type=float, default=0.25,
+                   help="extra epochs of the high-res phase (b) (fractions too)")
     p.add_argument("--calib-iters", type=int, default=12, help="iterations of each calibration run")
     p.add_argument("--eval-limit", type=int, default=None, help="first N train / test images only")
     p.add_argument("--no-linear", action="store_true", help="kNN only")
@@ -101,8 +102,8 @@ def budgeted(recipe: Path, overrides: list[str], out: Path, minutes: float, cali
     """Train `recipe` with its whole schedule squeezed into `minutes` (epoch_length from a calibration)."""
     spi = seconds_per_iteration(recipe, overrides, out.with_name(out.name + "_calib"), calib_iters)
     epochs = load_config(recipe, overrides).optim.epochs
-    iters = max(int(minutes * 60 / spi), epochs)
-    args = [*overrides, f"run.output_dir={out}", f"optim.epoch_length={iters // epochs}",
+    iters = max(int(minutes * 60 / spi), int(epochs))
+    args = [*overrides, f"run.output_dir={out}", f"optim.epoch_length={int(iters // epochs)}",
             f"run.time_limit_min={minutes * 1.15}", f"run.checkpoint_every={max(iters // 4, 1)}"]
     seconds, ckpt = run_training(recipe, args)
     it = ck.load_checkpoint(ckpt)["iteration"]

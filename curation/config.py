@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dinolike.config import ConfigError, _merge_strict, _read_yaml_chain
+from dinolike.config import ConfigError
+from dinolike.config import load_config as _load_strict
 
 SCHEMA = Path(__file__).resolve().parent.parent / "configs" / "curation" / "base.yaml"
 
@@ -22,19 +23,7 @@ __all__ = ["SCHEMA", "ConfigError", "load_config", "section_fingerprint"]
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Schema merged with the pipeline file(s) and `key=value` overrides; unknown keys raise ConfigError."""
-    schema = OmegaConf.load(SCHEMA)
-    cfg = schema.copy()
-    OmegaConf.set_struct(cfg, True)
-    if path is not None:
-        for delta, source in _read_yaml_chain(Path(path)):
-            cfg = _merge_strict(cfg, delta, source, schema)
-    bad = [o for o in overrides or [] if "=" not in o]
-    if bad:
-        raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
-    if overrides:
-        cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line", schema)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    return _load_strict(path, overrides, schema_file=SCHEMA)
 
 
 def section_fingerprint(*parts: Any) -> str:

@@ -9,7 +9,7 @@ every query scan a growing slice of the database:
   self-search (dedup), whatever nb;
 - the coarse quantizer is trained on train_per_list * nlist sampled vectors by two-level k-means
   (sqrt(nlist) groups, then each group split), so training grows linearly with nlist instead of as nlist^2;
-- the quantizer is flat up to 65536 lists (a BLAS matrix product, faster than a graph at these sizes) and
+- the quantizer is flat up to 32768 lists (a BLAS matrix product, faster than a graph at these sizes) and
   HNSW above, where assigning with a flat quantizer would be the N^2 term.
 On faiss-gpu with CUDA the index is sharded over all GPUs. Queries go in chunks so the [chunk, k] result
 buffers bound memory whatever the pool size. All vectors are L2-normalised: inner product = cosine.
@@ -30,7 +30,7 @@ __all__ = [
     "iter_search", "search", "kmeans", "assign", "HNSW_ABOVE",
 ]
 
-HNSW_ABOVE = 65536  # `index.quantizer: auto` switches from flat to HNSW above this many lists
+HNSW_ABOVE = 32768  # `index.quantizer: auto`: flat (BLAS) up to here, HNSW (log-time, slower per query) above
 _blas_limit: Any = None  # threadpoolctl limiter kept alive for the whole process
 
 
@@ -92,16 +92,21 @@ def ivf_nlist(nb: int, nq: int, cfg: Mapping[str, Any], what: str = "database") 
 
 
 def _split_counts(total: int, sizes: np.ndarray) -> np.ndarray:
-    """`total` split over groups in proportion to `sizes` [G] (largest remainder), each in [1, size]."""
+    """`total` split over groups in proportion to `sizes` [G], each share in [1, size] (needs G <= total <=
+    sizes.sum()); rounding is settled on the groups whose share lost (or gained) most."""
     share = total * sizes / sizes.sum()  # [G]
     out = np.clip(np.floor(share).astype(np.int64), 1, sizes)
-    for _ in range(2):  # hand the rounding remainder to the groups that lost most, where room is left
-        short = total - int(out.sum())
-        if short <= 0:
+    while (diff := total - int(out.sum())) != 0:
+        if diff > 0:  # give one more to the most under-served groups that have room
+            room = np.flatnonzero(out < sizes)
+            pick = room[np.argsort(out[room] - share[room], kind="stable")[:diff]]
+            out[pick] += 1
+        else:  # take one back from the most over-served groups that keep at least one
+            spare = np.flatnonzero(out > 1)
+            pick = spare[np.argsort(share[spare] - out[spare], kind="stable")[:-diff]]
+            out[pick] -= 1
+        if len(pick) == 0:
             break
-        room = np.flatnonzero(out < sizes)
-        top = room[np.argsort(-(share[room] - out[room]), kind="stable")[:short]]
-        out[top] += 1
     return out
 
 
@@ -128,10 +133,9 @@ def train_centroids(
     members = np.split(order, np.cumsum(sizes)[:-1])
     parts = [kmeans(sample[members[g]], int(c), niter, seed + 1 + i, gpu, max_points_per_centroid=n)
              for i, (g, c) in enumerate(zip(used, counts, strict=True))]
-    out = np.concatenate(parts)  # [<= nlist, D]: fewer only if every group is tiny
-    if len(out) < nlist:  # pad with sampled vectors (rows are unit norm already)
-        rng = np.random.default_rng(seed)
-        out = np.concatenate([out, sample[rng.choice(n, nlist - len(out), replace=False)]])
+    out = np.concatenate(parts)  # [nlist, D]
+    if len(out) != nlist:  # cannot happen for n >= nlist >= n_top; a wrong count would corrupt the lists
+        raise RuntimeError(f"two-level k-means made {len(out)} centroids instead of {nlist}")
     return np.ascontiguousarray(out, dtype=np.float32)
 
 

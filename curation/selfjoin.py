@@ -23,6 +23,7 @@ from curation.index import ivf_nlist, make_quantizer, search, train_centroids
 __all__ = ["threshold_join", "top_k_per_row"]
 
 log = logging.getLogger(__name__)
+_BLOCK_COLS, _BLOCK_ENTRIES = 16384, 1 << 24  # bound one cosine block to 64 MB (a list the data piles into)
 
 
 def top_k_per_row(rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, k: int) -> np.ndarray:
@@ -81,20 +82,24 @@ def threshold_join(
         mem = members[m_start : m_end[lst]]  # [m] images stored in the list
         vis = visits[v_start : v_end[lst]] // nprobe  # [q] images probing it (each once)
         m_start, v_start = m_end[lst], v_end[lst]
-        if len(mem) == 0 or len(vis) == 0:
-            continue
-        sims = x[vis] @ x[mem].T  # [q, m] cosines
-        qi, mi = np.nonzero(sims > threshold)
-        src, dst = vis[qi], mem[mi]
-        own = src != dst
-        if not own.any():
-            continue
-        buf_r.append(src[own])
-        buf_c.append(dst[own])
-        buf_s.append(sims[qi[own], mi[own]])
-        held += int(own.sum())
-        if held > compact_at:
-            compact()
+        for m0 in range(0, len(mem), _BLOCK_COLS):  # one block per list unless the data is very skewed
+            mc = mem[m0 : m0 + _BLOCK_COLS]
+            xm = x[mc].T  # [D, m]
+            rows = max(256, _BLOCK_ENTRIES // len(mc))
+            for q0 in range(0, len(vis), rows):
+                vc = vis[q0 : q0 + rows]
+                sims = x[vc] @ xm  # [q, m] cosines
+                qi, mi = np.nonzero(sims > threshold)
+                src, dst = vc[qi], mc[mi]
+                own = src != dst
+                if not own.any():
+                    continue
+                buf_r.append(src[own])
+                buf_c.append(dst[own])
+                buf_s.append(sims[qi[own], mi[own]])
+                held += int(own.sum())
+                if held > compact_at:
+                    compact()
     if not buf_r:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     compact()  # each image keeps its k best partners above the threshold

@@ -97,9 +97,12 @@ def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictC
         raise ConfigError(f"bad value in {source}: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Merged, read-only-schema config. `overrides` are `section.key=value` strings."""
-    schema = OmegaConf.load(BASE)
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema_file: Path = BASE
+) -> DictConfig:
+    """Merged, read-only-schema config. `overrides` are `section.key=value` strings; `schema_file` is the
+    schema (the training one by default; curation has its own)."""
+    schema = OmegaConf.load(schema_file)
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:

@@ -140,9 +140,39 @@ def wait_for(job) -> int:
     return 0 if all(r == 0 for r in results) else 1
 
 
+def submit_embed_array(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """`curate -- embed --config X ...`: one array task per pending shard (a shard that is already
+    complete is not submitted; a failed or preempted shard is picked up by the next submission)."""
+    from curation.cli import build_parser as curation_parser
+    from curation.config import load_config as curation_config
+    from curation.embed import submit_embed
+
+    cargs = curation_parser().parse_intermixed_args(passthrough)
+    cfg = curation_config(cargs.config, cargs.overrides)
+    executor = make_executor(args)
+    executor.update_parameters(tasks_per_node=1, nodes=1)  # one process per shard
+    jobs = submit_embed(cfg, executor)
+    if not jobs:
+        print("embed: every shard is already complete")
+        return 0
+    print(f"submitted {len(jobs)} embed shard(s) as job array {jobs[0].job_id.split('_')[0]}")
+    if not (args.local or args.wait):
+        return 0
+    failed = 0
+    for job in jobs:
+        try:
+            job.result()
+        except Exception as e:  # noqa: BLE001 - report every failed shard, then fail once
+            failed += 1
+            print(f"shard job {job.job_id} failed: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, passthrough = parse_args(argv)
+    if args.command == "curate" and passthrough[:1] == ["embed"]:
+        return submit_embed_array(args, passthrough)
     try:
         job = submit(args, passthrough)
     except Exception as e:  # sbatch rejected the job, or no SLURM here

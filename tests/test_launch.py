@@ -156,6 +156,32 @@ def test_admin_requeue_resumes_once_and_cancel_is_not_resurrected(cluster, tmp_p
     assert "not requeuing" in job2.paths.stderr.read_text()
 
 
+def test_curation_embed_runs_as_a_job_array_one_task_per_shard(cluster, tmp_path):
+    """`launch curate -- embed ...`: one array task per pending shard; a rerun submits nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from dinolike.data.datasets import FashionMNIST
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    fm = FashionMNIST(split="train", limit=30)
+    for i in range(30):
+        Image.fromarray(fm.images[i]).save(pool / f"{i:02d}.png")
+    work = tmp_path / "cur"
+    args = ["curate", "--partition", cluster.partition, "--timeout", "10", "--job-dir", str(tmp_path / "jobs"),
+            "--wait", "--", "embed", f"work_dir={work}", f"pool=[folder-nolabels:{pool}]", "embed.shard_size=10",
+            "embed.progress=false"]
+    assert sub.main(args) == 0
+    done = sorted((work / "embeddings" / "pool").glob("shard_*.npy"))
+    assert len(done) == 3  # 30 images / 10 per shard, each written by its own array task
+    job_dirs = [d for d in (tmp_path / "jobs").iterdir() if d.is_dir() and "_" in d.name]
+    assert len(job_dirs) == 3
+    emb = np.concatenate([np.load(f) for f in done])
+    assert emb.shape[0] == 30 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    assert sub.main(args) == 0  # every shard complete: nothing submitted
+
+
 def test_stop_ends_every_daemon_by_pid(cluster):
     pids = dict(cluster.pids)
     assert set(pids) == {"munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"}

@@ -57,7 +57,7 @@ class Schedules:
 def build_schedules(cfg: DictConfig, global_batch: int) -> Schedules:
     o, t = cfg.optim, cfg.teacher
     ep = o.epoch_length
-    total = o.epochs * ep
+    total = int(round(o.epochs * ep))  # fractional epochs: a short phase is a fraction of one
     if total <= 0:
         raise ValueError("optim.epochs * optim.epoch_length must be positive")
     peak = scaled_lr(o.base_lr, global_batch, o.lr_scaling)
