@@ -40,7 +40,9 @@ COMMON = (
 # mismatch causes: a wrong batch split, a missing all-reduce or a rank-local logged loss changes the losses
 # by 1e-3 to 1e-1 relative, and one AdamW step moves the student by ~3e-3 and the EMA teacher by ~3e-5.
 RTOL = 1e-4
-STUDENT_ATOL, TEACHER_ATOL = 1e-5, 1e-6
+# AdamW divides by sqrt(v): fp32 reduction-order noise in near-zero gradients grows to ~2e-5 in the
+# student; without gradient sync the weights differ by ~4e-3, so 1e-4 still catches a missing sync
+STUDENT_ATOL, TEACHER_ATOL = 1e-4, 1e-6
 
 
 def launch(out: Path, nproc: int, strategy: str, *extra: str) -> str:

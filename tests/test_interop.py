@@ -265,7 +265,7 @@ def test_position_embedding_is_resized_to_the_models_grid(tmp_path: Path) -> Non
 
 
 def test_official_teacher_checkpoint_with_heads(tmp_path: Path) -> None:
-    src = official_model(6, img_size=28, patch_size=4, in_chans=1, embed_dim=96, num_heads=3, depth=2)
+    src = official_model(6, img_size=28, patch_size=7, in_chans=1, embed_dim=96, num_heads=3, depth=2)
     torch.manual_seed(6)
     dino, ibot = DINOHead(96, 48, 40, 24), DINOHead(96, 56, 40, 24)
     ibot_sd = {
@@ -312,7 +312,7 @@ def test_official_teacher_checkpoint_with_heads(tmp_path: Path) -> None:
 # ---- continued pretraining ----------------------------------------------------------------------------
 def pico_official(tmp_path: Path, img_size: int) -> tuple[VisionTransformer, Path]:
     """An 'official' backbone file for the smoke recipe's vit_pico (patch 4, 1 channel, 2 blocks)."""
-    src = official_model(7, img_size=img_size, patch_size=4, in_chans=1, embed_dim=96, num_heads=3, depth=2)
+    src = official_model(7, img_size=img_size, patch_size=7, in_chans=1, embed_dim=96, num_heads=3, depth=2)
     path = tmp_path / f"pico_{img_size}.pth"
     torch.save(fsdp_chunked(src.state_dict()), path)
     return src, path
@@ -321,14 +321,14 @@ def pico_official(tmp_path: Path, img_size: int) -> tuple[VisionTransformer, Pat
 def test_ssl_method_starts_from_pretrained_weights_with_fresh_heads(tmp_path: Path) -> None:
     from dinolike.train.ssl import SSLMethod
 
-    src, path = pico_official(tmp_path, img_size=56)  # 14x14 grid into the recipe's 7x7: resized
+    src, path = pico_official(tmp_path, img_size=56)  # 8x8 grid into the recipe's 4x4: resized
     cfg = load_config(SMOKE, [f"model.pretrained_weights={path}", f"run.output_dir={tmp_path}"])
     method = SSLMethod(cfg)
     expected = {k: v for k, v in src.state_dict().items() if k != "pos_embed"}
     for part in ("student", "teacher"):
         got = getattr(method, part)["backbone"].state_dict()
         assert all(torch.equal(got[k], v) for k, v in expected.items()), part
-        assert got["pos_embed"].shape == (1, 50, 96)
+        assert got["pos_embed"].shape == (1, 17, 96)
     t_sd, s_sd = method.teacher.state_dict(), method.student.state_dict()
     assert all(torch.equal(t_sd[k], s_sd[k]) for k in s_sd)  # the teacher starts where the student does
     # the resized grid: the loaded backbone at 28 px computes what the source computes at 28 px, up to the

@@ -190,7 +190,7 @@ def test_bad_teachers_and_students_are_clear_errors(pretrained: Path, tmp_path: 
         return DistillMethod(load_config(SMOKE, [*TINY, *overrides]))
 
     with pytest.raises(ValueError, match=r"4x4.*teacher.*7x7|7x7.*teacher.*4x4"):
-        method(f"distill.teacher={pretrained}", "model.patch_size=7")
+        method(f"distill.teacher={pretrained}", "model.patch_size=4")
     with pytest.raises(ValueError, match=r"distill\.students\[0\] has keys \['detph'\]"):
         method(f"distill.teacher={pretrained}", "distill.students=[{detph: 2}]")
     with pytest.raises(FileNotFoundError, match="distill.teacher: no checkpoint"):
@@ -209,28 +209,28 @@ def test_highres_phase_continues_a_lowres_run_at_56px(pretrained: Path, tmp_path
     src = last_ckpt(pretrained)
     out = tmp_path / "hr"
     cfg = load_config(SMOKE, [*TINY, f"run.output_dir={out}", f"run.init_from={pretrained}",
-                              "crops.global_size=56", "crops.local_size=24", "optim.epochs=2"])
+                              "crops.global_size=56", "crops.local_size=28", "optim.epochs=2"])
     assert loop.train(cfg) == 0
     got = rows(out)
     # the iteration and the schedules continue from the checkpoint (iteration 5 uses schedule step 4)
     assert [r["iteration"] for r in got] == [5, 6, 7, 8]
     sched = build_schedules(cfg, cfg.data.batch_size)
     assert got[0]["lr"] == pytest.approx(sched.lr[PRE_ITERS]) and got[0]["lr"] != pytest.approx(sched.lr[0])
-    assert all("ibot_loss" in r for r in got)  # masks on the 14 x 14 grid of a 56 px crop
+    assert all("ibot_loss" in r for r in got)  # masks on the 8 x 8 grid of a 56 px crop (patch 7)
     end = last_ckpt(out)
     assert end["iteration"] == 2 * PRE_ITERS
     # the optimizer state came along: AdamW's step counter continued from the low-res run
     steps = {float(s["step"]) for s in end["optimizer"]["state"].values()}
     assert steps == {2.0 * PRE_ITERS}
-    # the position embedding keeps its learned 7 x 7 grid (+ CLS), was trained further, and is
-    # interpolated to 14 x 14 when the exported backbone sees 56 px images
+    # the position embedding keeps its learned 4 x 4 grid (+ CLS), was trained further, and is
+    # interpolated to 8 x 8 when the exported backbone sees 56 px images
     k = "backbone.pos_embed"
-    assert end["model"]["teacher"][k].shape == src["model"]["teacher"][k].shape == (1, 50, 96)
+    assert end["model"]["teacher"][k].shape == src["model"]["teacher"][k].shape == (1, 17, 96)
     assert not torch.equal(end["model"]["teacher"][k], src["model"]["teacher"][k])
     model, _ = load_pretrained(out / "teacher_backbone.pth")
     x = torch.randn(3, 1, 56, 56)
     feats = model.forward_features(x)
-    assert feats["x_norm_patchtokens"].shape == (3, 14 * 14, 96)
+    assert feats["x_norm_patchtokens"].shape == (3, 8 * 8, 96)
     assert torch.isfinite(feats["x_norm_clstoken"]).all()
 
 
