@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from dinolike.config import ConfigError, load_config
+from dinolike.local_procs import launcher_present, run_local
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -33,6 +36,21 @@ def main(argv: list[str]) -> int:
         print("dinolike distill: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
               file=sys.stderr)
         return 2
+    n_local = cfg.dist.local_processes
+    if n_local < 1:
+        print(f"dinolike {command}: config error: dist.local_processes must be >= 1, got {n_local}",
+              file=sys.stderr)
+        return 2
+    if n_local > 1 and not launcher_present():
+        from dinolike.train.periodic_eval import final_knn
+
+        status = run_local([*argv, "eval.final_knn=false"], n_local)  # the kNN runs once, below
+        if status == 0 and cfg.eval.final_knn:
+            final_knn(cfg)
+        return status
+    if n_local > 1 and os.environ.get("LOCAL_WORLD_SIZE") != str(n_local):  # not one of our children
+        logging.getLogger("dinolike.train").info(
+            "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
     from dinolike.train.loop import NonFiniteLossError, train
