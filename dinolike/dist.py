@@ -63,14 +63,25 @@ def slurm_port(job_id: int) -> int:
     return 15000 + job_id % 15000
 
 
+def launcher() -> str:
+    """Who started this process: "torchrun" (also submitit and our own local processes), "slurm" (a
+    bare srun) or "single"."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return "slurm"
+    return "single"
+
+
 def _ranks_from_env() -> tuple[int, int, int, str]:
     """(rank, world_size, local_rank, source) from torchrun/submitit variables, else SLURM's, else 1."""
-    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+    source = launcher()
+    if source == "torchrun":
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
         if rank is None or world is None:
             raise ValueError("set both RANK and WORLD_SIZE (torchrun and submitit do), or neither")
         return rank, world, _env_int("LOCAL_RANK", 0), "torchrun"
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if source == "slurm":
         return _env_int("SLURM_PROCID"), _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID", 0), "slurm"
     return 0, 1, 0, "single"
 

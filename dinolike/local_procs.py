@@ -2,7 +2,7 @@
 
 Why: a tiny ViT on a CPU scales badly over threads (its matmuls are too small for two OpenMP threads to
 share), but two processes of one thread each, averaging gradients over gloo, keep both cores busy: on
-the 2-core development box the default recipe runs ~1.25x faster that way (BENCHMARKS.md, section 1).
+the 2-core development box the default recipe runs ~1.2x faster that way (BENCHMARKS.md, section 1).
 
 The parent only supervises: it starts the children with the torchrun variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT) and an equal share of the cores as OMP_NUM_THREADS, in their own session so
@@ -23,11 +23,6 @@ import sys
 import time
 
 _GRACE_S = 30.0  # after one child fails: time the others get to exit on SIGTERM before SIGKILL
-
-
-def launcher_present() -> bool:
-    """True when torchrun, submitit or srun already started this process as part of a group."""
-    return any(v in os.environ for v in ("RANK", "WORLD_SIZE", "SLURM_PROCID"))
 
 
 def free_port() -> int:

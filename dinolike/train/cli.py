@@ -8,7 +8,8 @@ import os
 import sys
 
 from dinolike.config import ConfigError, load_config
-from dinolike.local_procs import launcher_present, run_local
+from dinolike.dist import launcher
+from dinolike.local_procs import run_local
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -41,20 +42,19 @@ def main(argv: list[str]) -> int:
         print(f"dinolike {command}: config error: dist.local_processes must be >= 1, got {n_local}",
               file=sys.stderr)
         return 2
-    if n_local > 1 and not launcher_present():
-        from dinolike.train.periodic_eval import final_knn
+    from dinolike.train.periodic_eval import final_knn
 
-        status = run_local([*argv, "eval.final_knn=false"], n_local)  # the kNN runs once, below
+    if n_local > 1 and launcher() == "single":
+        status = run_local([*argv, "eval.final_knn=false"], n_local)  # the kNN runs once, here
         if status == 0 and cfg.eval.final_knn:
             final_knn(cfg)
         return status
-    if n_local > 1 and os.environ.get("LOCAL_WORLD_SIZE") != str(n_local):  # not one of our children
+    if n_local > 1 and os.environ.get("LOCAL_WORLD_SIZE") != str(n_local):  # our children set it to n
         logging.getLogger("dinolike.train").info(
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
     from dinolike.train.loop import NonFiniteLossError, train
-    from dinolike.train.periodic_eval import final_knn
 
     try:
         status = train(cfg)
