@@ -23,6 +23,7 @@ import sys
 import time
 
 _GRACE_S = 30.0  # after one child fails: time the others get to exit on SIGTERM before SIGKILL
+CHILD_ENV = "DINOLIKE_LOCAL_CHILD"  # set to "1" in the children: they leave job-level work to the parent
 
 
 def free_port() -> int:
@@ -39,7 +40,8 @@ def threads_per_process(n: int) -> int:
 def child_env(rank: int, n: int, port: int, threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+               **{CHILD_ENV: "1"})
     return env
 
 

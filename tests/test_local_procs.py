@@ -16,7 +16,8 @@ SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 CHILD = """
 import os, sys, time
 out = sys.argv[1]
-keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+        "DINOLIKE_LOCAL_CHILD")
 with open(os.path.join(out, "rank" + os.environ["RANK"]), "w") as f:
     f.write(" ".join(os.environ[k] for k in keys))
 if os.environ["RANK"] == "1" and len(sys.argv) > 2:
@@ -32,6 +33,7 @@ def test_children_get_ranks_one_rendezvous_and_a_share_of_the_cores(tmp_path: Pa
     assert [e[:3] for e in envs] == [["0", "2", "0"], ["1", "2", "1"]]
     assert envs[0][3:] == envs[1][3:]  # same MASTER_ADDR/PORT, same thread share
     assert envs[0][5] == str(threads_per_process(2))
+    assert envs[0][6] == envs[1][6] == "1"  # children leave the final kNN to the parent
 
 
 def test_one_failing_child_stops_the_others_and_sets_the_status(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import sys
 
 from dinolike.config import ConfigError, load_config
 from dinolike.dist import launcher
-from dinolike.local_procs import run_local
+from dinolike.local_procs import CHILD_ENV, run_local
 
 
 def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
@@ -44,12 +44,13 @@ def main(argv: list[str]) -> int:
         return 2
     from dinolike.train.periodic_eval import final_knn
 
+    local_child = os.environ.get(CHILD_ENV) == "1"
     if n_local > 1 and launcher() == "single":
-        status = run_local([*argv, "eval.final_knn=false"], n_local)  # the kNN runs once, here
+        status = run_local(argv, n_local)
         if status == 0 and cfg.eval.final_knn:
-            final_knn(cfg)
+            final_knn(cfg)  # once, here: the children leave it to this parent
         return status
-    if n_local > 1 and os.environ.get("LOCAL_WORLD_SIZE") != str(n_local):  # our children set it to n
+    if n_local > 1 and not local_child:
         logging.getLogger("dinolike.train").info(
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
@@ -65,6 +66,6 @@ def main(argv: list[str]) -> int:
         # problems the user can fix: one line, no traceback from deep inside
         print(f"dinolike {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
-    if status == 0 and cfg.eval.final_knn:
-        final_knn(cfg)
+    if status == 0 and cfg.eval.final_knn and not local_child:
+        final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
