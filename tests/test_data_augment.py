@@ -197,3 +197,18 @@ def test_bad_arguments_raise() -> None:
         MultiCropAugmentation(channels=1, mean=(0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="blur_kernel_size"):
         MultiCropAugmentation(blur_kernel_size=4)
+    with pytest.raises(ValueError, match="crop_ratio"):
+        MultiCropAugmentation(crop_ratio=(4 / 3, 3 / 4))
+
+
+def test_crop_ratio_bounds_the_box_aspect() -> None:
+    """crop_ratio=(1, 1) keeps every crop box square; the default range makes non-square boxes too."""
+    g = torch.Generator().manual_seed(0)
+    square = MultiCropAugmentation(28, 14, crop_ratio=(1.0, 1.0), channels=1)
+    boxes = square._boxes(28, 28, 400, (0.2, 1.0), g)
+    assert all(h == w for _, _, h, w in boxes)
+    wide = MultiCropAugmentation(28, 14, channels=1)
+    boxes = wide._boxes(28, 28, 400, (0.2, 1.0), g)
+    ratios = [w / h for _, _, h, w in boxes]
+    assert any(r != 1 for r in ratios)
+    assert all(0.75 - 0.15 <= r <= 4 / 3 + 0.2 for r in ratios)  # rounding to whole pixels widens it a little

@@ -230,6 +230,8 @@ class MultiCropAugmentation:
         for name, (lo, hi) in scales.items():
             if not 0 < lo <= hi <= 1:
                 raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f"crop_ratio (width / height) must satisfy 0 < lo <= hi, got {tuple(crop_ratio)}")
         mean = mean if mean is not None else (FMNIST_MEAN if channels == 1 else IMAGENET_MEAN)
         std = std if std is not None else (FMNIST_STD if channels == 1 else IMAGENET_STD)
         if len(mean) != channels or len(std) != channels:

@@ -30,6 +30,7 @@ def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
         gray_p=c.gray_p,
         blur_p=tuple(c.blur_p),
         solarize_p=tuple(c.solarize_p),
+        crop_ratio=tuple(c.ratio),
     )
 
 
