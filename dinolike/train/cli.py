@@ -55,11 +55,12 @@ def main(argv: list[str]) -> int:
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
+    from dinolike.train.collapse import CollapseError
     from dinolike.train.loop import NonFiniteLossError, train
 
     try:
         status = train(cfg)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CollapseError) as e:
         print(f"dinolike {command}: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:

@@ -22,6 +22,7 @@ from dinolike import dist, fsdp
 from dinolike.config import to_container
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.train import checkpoint as ck
+from dinolike.train.collapse import CollapseWatch
 from dinolike.train.data import build_train_loader
 from dinolike.train.export import export_backbone
 from dinolike.train.optim import apply_schedule, build_optimizer
@@ -197,6 +198,8 @@ def train(cfg: DictConfig) -> int:
     it = start
     params = [p for g in opt.param_groups for p in g["params"]]
     clip_groups = getattr(method, "grad_clip_groups", lambda: [params])()  # distillation: per student
+    watch = CollapseWatch.from_config(cfg)
+    last_ckpt = ck.list_checkpoints(ckpt_dir)[-1:] or None
     try:
         for batch in loader:
             if it >= sched.total:
@@ -240,12 +243,14 @@ def train(cfg: DictConfig) -> int:
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
+                watch.update(it, row, str(last_ckpt[0]) if last_ckpt else None)  # same row on every rank
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
                 window, n_window, imgs_window, t_window = {}, 0, 0, time.perf_counter()
             reason = _agreed_stop(stop, it, cfg.run.log_every)
-            if it % cfg.run.checkpoint_every == 0 or it == sched.total or reason:
-                _save(method, opt, it, cfg, ckpt_dir, env)
+            periodic = it % cfg.run.checkpoint_every == 0 and not watch.suspect  # no checkpoint of a collapse
+            if periodic or it == sched.total or reason:
+                last_ckpt = [_save(method, opt, it, cfg, ckpt_dir, env)]
             if reason:
                 if env.is_main:
                     print(f"\nstopped at iteration {it} ({reason}); checkpoint saved, run again to continue",
@@ -277,11 +282,12 @@ def _agreed_stop(stop: StopFlag, it: int, every: int) -> str | None:
     return stop.requested if flag.item() else None
 
 
-def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv) -> None:
+def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv) -> Path:
     state = _state(method, opt, it, cfg)
     if env.is_main:
         ck.save_checkpoint(ckpt_dir, it, state, cfg.run.keep_last)
     dist.barrier()
+    return ck.checkpoint_path(ckpt_dir, it)
 
 
 def _export(method: nn.Module, cfg: DictConfig, out: Path, env: dist.DistEnv) -> None:

@@ -130,8 +130,26 @@ def ssl_loss_terms(
         ko = sum(koleo_loss(c) for c in g_cls.chunk(2))  # per global crop, per rank
         metrics["koleo_loss"] = ko
         total = total + lc.koleo_weight * ko
+    metrics.update(collapse_signals(cls_logits[: 2 * B], teacher_out["dino"], lc.student_temp))
     metrics["loss"] = total
     return total, metrics
+
+
+@torch.no_grad()
+def collapse_signals(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> dict[str, Tensor]:
+    """What the collapse watch reads (nats; ln K is uniform over K prototypes), from tensors the step has.
+
+    `teacher_entropy`: mean entropy of one image's target. Near ln K: every target is uniform, the
+    teacher no longer tells images apart (with Sinkhorn-Knopp, the signature of features that all look
+    alike). `student_mean_entropy`: entropy of the batch-mean student prediction. Near 0: every image
+    goes to the same few prototypes (the collapse softmax centring can fall into).
+    student_logits [2B, K] (global crops), teacher_probs [2B, K].
+    """
+    t = teacher_probs.float()
+    teacher_h = -torch.special.xlogy(t, t).sum(-1).mean()  # []
+    mean_p = torch.softmax(student_logits.detach().float() / student_temp, dim=-1).mean(0)  # [K]
+    student_h = -torch.special.xlogy(mean_p, mean_p).sum()  # []
+    return {"teacher_entropy": teacher_h, "student_mean_entropy": student_h}
 
 
 class SSLMethod(Method):
