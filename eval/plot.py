@@ -22,6 +22,8 @@ PANELS: tuple[str, ...] = (
     "dino_local_loss",
     "ibot_loss",
     "koleo_loss",
+    "teacher_entropy",
+    "student_mean_entropy",
     "lr",
     "wd",
     "momentum",
