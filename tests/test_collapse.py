@@ -117,3 +117,21 @@ def test_a_run_made_to_collapse_stops_with_a_clear_error_and_keeps_the_good_chec
     assert rows[-1]["iteration"] == 35
     assert rows[-1]["teacher_entropy"] == pytest.approx(LN_K, abs=1e-3)
     assert rows[-1]["dino_global_loss"] > 0.97 * LN_K
+
+
+def replay(name: str, watch: CollapseWatch) -> None:
+    for line in (REPO / "tests" / "data" / name).read_text().splitlines():
+        row = json.loads(line)
+        watch.update(row["iteration"], row)
+
+
+def test_watch_on_rows_logged_by_real_runs_fires_on_the_real_collapse_only() -> None:
+    # rows of two real 1-epoch runs of configs/fmnist_cpu.yaml (seed 1, one process, torch 2.14; BENCHMARKS
+    # section 1b): with the old 94-iteration lr warmup it collapsed (loss back at ln K from iteration ~300),
+    # with the 469-iteration warmup it learned. Both are judged from the end of the old warmup on.
+    w = CollapseWatch(n_prototypes=K, start_iters=94, patience_iters=200)
+    with pytest.raises(CollapseError, match=r"collapsed at iteration 350 and stayed collapsed to iteration 550"):
+        replay("metrics_collapsed_warmup01_seed1.jsonl", w)
+    w = CollapseWatch(n_prototypes=K, start_iters=94, patience_iters=200)
+    replay("metrics_healthy_warmup05_seed1.jsonl", w)
+    assert not w.suspect
