@@ -31,7 +31,7 @@ from dinolike.models.load import CheckpointMismatchError
 FORMATS = ("official", "hf", "timm")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinolike export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="training checkpoint, exported/official backbone, or HF / timm directory")
     p.add_argument("--format", required=True, choices=FORMATS,
@@ -97,7 +97,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         out = export(args.ckpt, args.format, args.out, args.which)
     except (CheckpointMismatchError, FileNotFoundError, ValueError, OSError) as e:
