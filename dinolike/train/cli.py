@@ -41,6 +41,11 @@ def main(argv: list[str]) -> int:
         print("dinolike distill: error: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
               file=sys.stderr)
         return 2
+    if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1:
+        # the CPU recipes are made for 28 px grey-scale Fashion-MNIST: photos would silently be trained as such
+        print(f"dinolike {command}: warning: data.train={cfg.data.train} is read as 1-channel grey-scale "
+              f"images cropped to {cfg.crops.global_size} px (a Fashion-MNIST recipe); for RGB images use "
+              "configs/folder_vits14.yaml", file=sys.stderr)
     n_local = cfg.dist.local_processes
     if n_local < 1:
         print(f"dinolike {command}: error: dist.local_processes must be >= 1, got {n_local}",
