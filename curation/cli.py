@@ -21,7 +21,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m curation", description=__doc__,
+    p = argparse.ArgumentParser(prog="dinolike curate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=[*STEPS, "all", "demo"], help="pipeline step to run")
     p.add_argument("--config", help="pipeline yaml (deltas on configs/curation/base.yaml)")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_step(cfg, args.step, args.force)
         write_lines(f"{cfg.work_dir}/config.yaml", OmegaConf.to_yaml(cfg).splitlines())
     except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:
-        print(f"curation {args.step}: error: {e}", file=sys.stderr)
+        print(f"dinolike curate: error: {args.step}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, default=str))
     return 0

@@ -289,24 +289,28 @@ def markdown_row(name: str, res: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinolike bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--config", required=True, help="recipe yaml whose step is timed")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (allocator, kernels)")
     p.add_argument("--synthetic", action="store_true", help="random crops and masks, no data pipeline")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", help="also write the result here")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
-        print("dinolike bench: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
+        print("dinolike bench: error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config, ["run.progress=false", *args.overrides])
     except ConfigError as e:
-        print(f"dinolike bench: config error: {e}", file=sys.stderr)
+        print(f"dinolike bench: error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

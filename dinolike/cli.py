@@ -20,14 +20,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version; the source tree's pyproject when run uninstalled."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("dinolike")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
+    return (f"usage: dinolike COMMAND [ARGS]   (dinolike COMMAND --help for its options)\n\n"
+            f"commands:\n{lines}\n\noptions:\n  -h, --help  this list\n  --version   print the version")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        lines = "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
-        print(f"usage: dinolike COMMAND [ARGS]\n\ncommands:\n{lines}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if argv[:1] == ["--version"]:
+        print(f"dinolike {version()}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"{usage()}\n\ndinolike: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines drown --help
     module = importlib.import_module(COMMANDS[argv[0]][0])
     if argv[0] in ("train", "distill"):
         return module.main(argv)

@@ -1,18 +1,33 @@
-"""`python -m eval knn|linear|logreg|plot|viz ...`: one entry for every eval command."""
+"""`dinolike eval knn|linear|logreg ...` (also `python -m eval ...`): one entry for every eval command."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-COMMANDS = ("knn", "linear", "logreg", "plot", "viz")
+COMMANDS = {
+    "knn": "weighted kNN on frozen features",
+    "linear": "linear probe on frozen features (grid of learning rates)",
+    "logreg": "logistic regression on frozen features (sweep of C)",
+    "plot": "training curves of a run directory (= dinolike plot)",
+    "viz": "PCA picture of patch features (= dinolike viz)",
+}
+
+
+def usage() -> str:
+    lines = "\n".join(f"  {c:<7} {h}" for c, h in COMMANDS.items())
+    return (f"usage: dinolike eval {{{'|'.join(COMMANDS)}}} [ARGS]   (dinolike eval knn --help for its options)"
+            f"\n\nprotocols:\n{lines}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m eval {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"{usage()}\n\ndinolike eval: error: unknown protocol {argv[0]!r}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"eval.{argv[0]}")
     return int(module.main(argv[1:]))
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dinolike.data.datasets import DATASET_SPEC_HELP
 from eval.features import (
     FeatureError,
     FeatureSet,
@@ -95,8 +96,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         help="run config YAML or arch preset (vit_small, ...); default: config.yaml next to the checkpoint",
     )
     p.add_argument("--which", default="teacher", choices=["teacher", "student"], help="weights in a ckpt")
-    p.add_argument("--train-dataset", default="fmnist:train", help="fmnist:train | folder:DIR | manifest:FILE")
-    p.add_argument("--val-dataset", default="fmnist:test", help="evaluation set, same spec syntax")
+    p.add_argument("--train-dataset", default="fmnist:train", help=f"labelled train set: {DATASET_SPEC_HELP}")
+    p.add_argument("--val-dataset", default="fmnist:test", help=f"labelled evaluation set: {DATASET_SPEC_HELP}")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train items")
     p.add_argument("--limit-val", type=int, default=None, help="use only the first N eval items")
     p.add_argument("--output-dir", default=None, help="where results.json/results.md go")
@@ -118,7 +119,7 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
     try:
         run(args)
     except (EvalError, FeatureError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

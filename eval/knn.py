@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eval.common import add_common_args
 
     p = argparse.ArgumentParser(
-        prog="python -m eval.knn", description="Weighted kNN classification on frozen backbone features."
+        prog="dinolike eval knn", description="Weighted kNN classification on frozen backbone features."
     )
     add_common_args(p)
     return p

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eval.common import add_common_args
 
     p = argparse.ArgumentParser(
-        prog="python -m eval.linear",
+        prog="dinolike eval linear",
         description="DINOv2-style linear probe (grid of heads; best chosen on a held-out split of train).",
     )
     add_common_args(p)

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eval.common import add_common_args
 
     p = argparse.ArgumentParser(
-        prog="python -m eval.logreg", description="Logistic regression on frozen features, sweeping C."
+        prog="dinolike eval logreg", description="Logistic regression on frozen features, sweeping C."
     )
     add_common_args(p)
     return p

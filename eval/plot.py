@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinolike plot", description="Plot training curves of a run directory.")
     p.add_argument("run_dir", help="run directory holding metrics.jsonl")
     p.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
-    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (pixels per inch)")
     return p
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = plot_curves(args.run_dir, args.out, args.dpi)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"dinolike plot: error: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -81,8 +82,10 @@ def pca_figure(
     tile: int = 224,
     threshold: float = 0.0,
     device: str = "cpu",
+    names: Sequence[str] | None = None,
 ) -> Image.Image:
-    """Grid PNG: row 1 the (center-cropped) inputs, row 2 their PCA maps; each tile tile x tile pixels."""
+    """Grid PNG: row 1 the (center-cropped) inputs, row 2 their PCA maps; each tile tile x tile pixels,
+    labelled with its image's name (and the resolution the model saw) so a shared figure explains itself."""
     from eval.common import build_eval_transform
 
     p = int(model.patch_size)
@@ -101,42 +104,72 @@ def pca_figure(
         canvas.paste(Image.fromarray(arr).resize((tile, tile), Image.BICUBIC), (i * tile, 0))
         pca = (rgb[i].numpy() * 255).astype(np.uint8)  # [h, w, 3]
         canvas.paste(Image.fromarray(pca).resize((tile, tile), Image.NEAREST), (i * tile, tile))
+        name = names[i] if names is not None else f"image {i}"
+        _label(canvas, (i * tile, 0), f"{name} ({resolution} px)")
+        _label(canvas, (i * tile, tile), f"PCA {name}")
     return canvas
+
+
+def _label(canvas: Image.Image, xy: tuple[int, int], text: str) -> None:
+    """Text on a dark box in a tile's top-left corner (PIL's built-in font: no font files needed)."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(canvas)
+    box = draw.textbbox((xy[0] + 2, xy[1] + 1), text)
+    draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(0, 0, 0))
+    draw.text((xy[0] + 2, xy[1] + 1), text, fill=(255, 255, 255))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinolike viz", description="PCA picture of patch features (DINOv2 Fig. 1).")
     p.add_argument("--pretrained", required=True, help="checkpoint, or 'random' (with --config)")
     p.add_argument("--config", default=None, help="run config YAML or arch preset")
-    p.add_argument("--which", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--resolution", type=int, default=224, help="input size (rounded up to the patch size)")
+    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                   help="model of a training checkpoint (default: the EMA teacher)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="input size, rounded up to the patch size (default: the size the model was trained at)")
     p.add_argument("--tile", type=int, default=224, help="pixels per tile in the output grid")
     p.add_argument("--threshold", type=float, default=0.0, help="foreground threshold on scaled PC1 in [-1,1]")
     p.add_argument("--out", default="pca.png", help="output PNG")
-    p.add_argument("--device", default=None)
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--opts", nargs="*", default=[], help="omegaconf overrides")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_OVERRIDE",
+                   help="image files, and section.key=value overrides as in every other command")
+    p.add_argument("--opts", nargs="*", default=[], help="deprecated: pass the overrides as bare key=value")
     return p
+
+
+def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(images, overrides): a `key=value` that is not an existing file is an override."""
+    images = [a for a in items if "=" not in a or Path(a).exists()]
+    return images, [a for a in items if a not in images]
 
 
 def main(argv: list[str] | None = None) -> int:
     from eval.common import EvalError, data_stats, load_backbone, model_channels, resolve_config
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
+    images, overrides = split_overrides(args.images)
+    if args.opts:
+        print("dinolike viz: --opts is deprecated: pass the overrides as bare key=value", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.pretrained == "pixels":
             raise EvalError("viz needs a model: --pretrained CKPT or random")
-        cfg, has_model = resolve_config(args.pretrained, args.config, args.opts)
+        if not images:
+            raise EvalError("give at least one image file")
+        cfg, has_model = resolve_config(args.pretrained, args.config, [*overrides, *args.opts])
         model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
         assert model is not None
         channels = model_channels(model, cfg)
         mean, std = data_stats(cfg, channels)
-        imgs = [im for im in (_load_image(p, channels) for p in args.images) if im is not None]
+        loaded = [(Path(p).name, _load_image(p, channels)) for p in images]
+        names = [n for n, im in loaded if im is not None]
+        imgs = [im for _, im in loaded if im is not None]
         if not imgs:
             raise EvalError("none of the given images could be read")
         p = int(model.patch_size)
-        res = -(-args.resolution // p) * p
+        trained = OmegaConf.select(cfg, "crops.global_size") or int(model.pos_embed.shape[1] - 1) ** 0.5 * p
+        res = -(-int(args.resolution or trained) // p) * p
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         fig = pca_figure(
             model,
@@ -147,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             tile=args.tile,
             threshold=args.threshold,
             device=device,
+            names=names,
         )
     except (EvalError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"dinolike viz: error: {e}", file=sys.stderr)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.save(args.out)
-    print(f"{args.out} ({len(imgs)} images, {len(args.images) - len(imgs)} skipped)")
+    print(f"{args.out} ({len(imgs)} images at {res} px, {len(images) - len(imgs)} skipped)")
     return 0
 
 

@@ -27,23 +27,23 @@ DEFAULT_JOB_DIR = "runs/_jobs"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m launch",
+        prog="dinolike submit",
         description="Submit a dinolike command to SLURM (or run it locally) through submitit.",
         epilog="Everything after `--` is passed to `dinolike COMMAND`.",
     )
-    p.add_argument("command", choices=COMMANDS)
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("command", choices=COMMANDS, help="the dinolike command the job runs")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     p.add_argument("--gpus-per-node", type=int, default=0, help="one task is started per GPU")
     p.add_argument("--tasks-per-node", type=int, default=None,
                    help="tasks per node on CPU-only clusters (default: gpus-per-node, or 1)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per task (default: SLURM's)")
     p.add_argument("--mem-gb", type=float, default=None, help="memory per node")
-    p.add_argument("--partition", default=None)
+    p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--timeout", type=int, default=60, metavar="MIN", help="time limit in minutes")
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None)
-    p.add_argument("--job-name", default=None)
+    p.add_argument("--account", default=None, help="SLURM account to charge")
+    p.add_argument("--qos", default=None, help="SLURM quality of service")
+    p.add_argument("--constraint", default=None, help="SLURM node features, e.g. a100")
+    p.add_argument("--job-name", default=None, help="SLURM job name (default: dinolike-COMMAND)")
     p.add_argument("--job-dir", default=DEFAULT_JOB_DIR,
                    help="submitit folder; each job gets DIR/<job id>/ with its logs and pickles")
     p.add_argument("--signal-delay-s", type=int, default=120,

@@ -220,8 +220,7 @@ def test_viz_writes_grid_png_and_skips_unreadable_images(tmp_path, capsys) -> No
             str(bad),
             "--config",
             "vit_pico",
-            "--opts",
-            *PICO[2:],
+            *PICO[2:],  # bare key=value, as in every command
         ]
     )
     assert rc == 0

@@ -43,6 +43,11 @@ _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dim
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 DATASET_SCHEMES = ("fmnist", "folder", "folder-nolabels", "manifest")
+# every spec form, for the help of each option that takes one
+DATASET_SPEC_HELP = (
+    "fmnist:train | fmnist:test | folder:DIR (labels from sub-folders) | folder-nolabels:DIR | "
+    "manifest:FILE (path[<TAB>label] per line)"
+)
 
 # PIL raises a zoo of exception types on bad files; all of them mean "this file is unusable".
 _IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, zlib.error)

@@ -7,10 +7,14 @@ a broken file fails here with the offending keys named, not later inside someone
 Outputs in DIR:
   official  backbone.pth (plain state dict, official keys; loads into the official `vit_*` with strict=True)
             + backbone.pth.json (explicit architecture, read back by dinolike tools)
-  hf        config.json + model.safetensors  -> transformers.Dinov2Model.from_pretrained(DIR)
+  hf        config.json + model.safetensors + preprocessor_config.json
+            -> transformers.AutoModel / AutoImageProcessor.from_pretrained(DIR)
             (Dinov2WithRegistersModel for register models)
-  timm      config.json + model.safetensors  -> timm.create_model(config["architecture"], pretrained=False,
-            **config["model_args"]).load_state_dict(safetensors.torch.load_file(DIR/model.safetensors))
+  timm      config.json + model.safetensors  -> timm.create_model("local-dir:DIR", pretrained=True);
+            its pretrained_cfg (mean/std, input size) feeds timm.data.resolve_data_config
+Every format also gets README.md, a model card (architecture, data, recipe, the run's kNN). The
+preprocessing numbers come from the run's config (inside a training checkpoint, or the config.yaml of the
+run folder the file lies in); files are written readable by all (mode 644).
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from dinolike.models.load import CheckpointMismatchError
 FORMATS = ("official", "hf", "timm")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinolike export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", help="training checkpoint, exported/official backbone, or HF / timm directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="official: DINOv2 .pth; hf: transformers folder; timm: timm local-dir folder")
     p.add_argument("--out", required=True, help="output directory (created; our files in it are replaced)")
     p.add_argument(
         "--which",
@@ -60,6 +65,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
     (InteropError) with a readable message on bad input."""
     from dinolike.interop import hf, timm
     from dinolike.interop.official import read_backbone_with_cfg
+    from dinolike.interop.run_info import find_run_config, model_card, preprocessing
     from dinolike.models import build_backbone, load_state_strict
     from dinolike.train.export import export_backbone
 
@@ -72,12 +78,18 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    run_cfg, run_dir = find_run_config(ckpt)
+    prep = preprocessing(run_cfg, explicit)
     if fmt == "official":
         export_backbone(model, explicit, out / "backbone.pth")
     elif fmt == "hf":
-        hf.save_hf(out, state, explicit)
+        hf.save_hf(out, state, explicit, prep)
     else:
-        timm.save_timm(out, state, explicit)
+        timm.save_timm(out, state, explicit, prep)
+    (out / "README.md").write_text(model_card(fmt, explicit, prep, run_cfg, run_dir, str(ckpt)))
+    for f in out.iterdir():  # temp-file writers create 600 files; an export is meant to be shared
+        if f.is_file() and not f.name.startswith("."):
+            f.chmod(0o644)
     note = _interpolation_note(explicit, fmt)
     if note:
         print(note, file=sys.stderr)
@@ -85,7 +97,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         out = export(args.ckpt, args.format, args.out, args.which)
     except (CheckpointMismatchError, FileNotFoundError, ValueError, OSError) as e:

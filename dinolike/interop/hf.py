@@ -28,6 +28,7 @@ from dinolike.interop.common import (
     save_safetensors,
     square_grid,
 )
+from dinolike.interop.run_info import Preprocessing
 
 MODEL_TYPES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 
@@ -234,13 +235,37 @@ def dinolike_to_hf(
     return out, hf_cfg
 
 
-def save_hf(out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> Path:
+def preprocessor_config(prep: Preprocessing, channels: int) -> dict[str, Any]:
+    """`preprocessor_config.json` of the `BitImageProcessor` the Hub's DINOv2 models use, with the run's
+    numbers: `AutoImageProcessor.from_pretrained(DIR)` then prepares images as the run's eval did."""
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": prep.resize},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": prep.crop, "width": prep.crop},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(prep.mean),
+        "image_std": list(prep.std),
+        "do_convert_rgb": channels == 3,  # a grey-scale model must not be handed three channels
+    }
+
+
+def save_hf(
+    out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str, Any], prep: Preprocessing | None = None
+) -> Path:
     """`config.json` + `model.safetensors` that `transformers.Dinov2Model.from_pretrained(out_dir)` (or
-    `Dinov2WithRegistersModel` for register models) loads."""
+    `Dinov2WithRegistersModel` for register models) loads, and with `prep` a `preprocessor_config.json`."""
     out_dir = Path(out_dir)
     hf_state, hf_cfg = dinolike_to_hf(state, cfg)
     save_safetensors(hf_state, out_dir / "model.safetensors")
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    if prep is not None:
+        proc = preprocessor_config(prep, int(hf_cfg["num_channels"]))
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(proc, indent=2) + "\n")
     return out_dir
 
 

@@ -27,9 +27,9 @@ from dinolike.interop.common import (
     save_safetensors,
     square_grid,
 )
+from dinolike.interop.run_info import Preprocessing, preprocessing
 
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-_DINOV2_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def timm_to_dinolike(
@@ -155,14 +155,18 @@ def dinolike_to_timm(
     return sd, timm_model_name(c), model_args
 
 
-def save_timm(out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str, Any]) -> Path:
+def save_timm(
+    out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str, Any], prep: Preprocessing | None = None
+) -> Path:
     """`model.safetensors` (the timm state dict) + `config.json` in timm's Hub layout (`architecture`,
-    `model_args`, `pretrained_cfg`), so `timm.create_model("local-dir:DIR", pretrained=True)` works too."""
+    `model_args`, `pretrained_cfg`), so `timm.create_model("local-dir:DIR", pretrained=True)` works too.
+    `prep` (the run's normalisation and crop) fills `pretrained_cfg`, which `resolve_data_config` reads."""
     out_dir = Path(out_dir)
     sd, name, model_args = dinolike_to_timm(state, cfg)
     save_safetensors(sd, out_dir / "model.safetensors")
-    mean, std = _DINOV2_MEAN_STD if model_args["in_chans"] == 3 else ((0.5,), (0.5,))
-    size = model_args["img_size"]
+    if prep is None:
+        prep = preprocessing(None, {**cfg, "img_size": model_args["img_size"]})
+    size = prep.crop
     config = {
         "architecture": name,
         "num_classes": 0,
@@ -171,9 +175,10 @@ def save_timm(out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str
         "pretrained_cfg": {
             "input_size": [model_args["in_chans"], size, size],
             "interpolation": "bicubic",
-            "crop_pct": 1.0,
-            "mean": list(mean),
-            "std": list(std),
+            "crop_pct": prep.crop_pct,
+            "crop_mode": "center",
+            "mean": list(prep.mean),
+            "std": list(prep.std),
             "num_classes": 0,
         },
     }

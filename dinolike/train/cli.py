@@ -12,14 +12,18 @@ from dinolike.dist import launcher
 from dinolike.local_procs import CHILD_ENV, run_local
 
 
-def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    command = argv[0]
+def build_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"dinolike {command}", description=__doc__)
     p.add_argument("--config", help="recipe yaml (a delta on configs/base.yaml)")
     if command == "distill":
         p.add_argument("--teacher", help="pretraining checkpoint of the frozen teacher (= distill.teacher)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    return command, p.parse_intermixed_args(argv[1:])
+    return p
+
+
+def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    command = argv[0]
+    return command, build_parser(command).parse_intermixed_args(argv[1:])
 
 
 def main(argv: list[str]) -> int:
@@ -31,15 +35,20 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"dinolike {command}: config error: {e}", file=sys.stderr)
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
     if command == "distill" and not cfg.distill.teacher:
-        print("dinolike distill: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
+        print("dinolike distill: error: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
               file=sys.stderr)
         return 2
+    if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1:
+        # the CPU recipes are made for 28 px grey-scale Fashion-MNIST: photos would silently be trained as such
+        print(f"dinolike {command}: warning: data.train={cfg.data.train} is read as 1-channel grey-scale "
+              f"images cropped to {cfg.crops.global_size} px (a Fashion-MNIST recipe); for RGB images use "
+              "configs/folder_vits14.yaml", file=sys.stderr)
     n_local = cfg.dist.local_processes
     if n_local < 1:
-        print(f"dinolike {command}: config error: dist.local_processes must be >= 1, got {n_local}",
+        print(f"dinolike {command}: error: dist.local_processes must be >= 1, got {n_local}",
               file=sys.stderr)
         return 2
     from dinolike.train.periodic_eval import final_knn
@@ -61,11 +70,11 @@ def main(argv: list[str]) -> int:
     try:
         status = train(cfg)
     except (NonFiniteLossError, CollapseError) as e:
-        print(f"dinolike {command}: {e}", file=sys.stderr)
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:
         # problems the user can fix: one line, no traceback from deep inside
-        print(f"dinolike {command}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"dinolike {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if status == 0 and cfg.eval.final_knn and not local_child:
         final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)

@@ -28,6 +28,7 @@ from dinolike.train.export import export_backbone
 from dinolike.train.optim import apply_schedule, build_optimizer
 from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.train.schedules import build_schedules
+from dinolike.train.tracking import Tracker, print_outputs
 
 log = logging.getLogger("dinolike.train")
 
@@ -192,6 +193,7 @@ def train(cfg: DictConfig) -> int:
     loader = build_train_loader(cfg, env, start_position=start * global_batch)
     stop = StopFlag(cfg.run.time_limit_min).install()
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None
+    tracker = Tracker(cfg, out, env.is_main)  # log.txt, TensorBoard, wandb
     bar = _progress(cfg, env, start, sched.total)
     window: dict[str, float] = {}
     n_window, skipped, t_window, imgs_window = 0, 0, time.perf_counter(), 0
@@ -243,9 +245,11 @@ def train(cfg: DictConfig) -> int:
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(row) + "\n")
                     metrics_file.flush()
+                tracker.log(row)
                 watch.update(it, row, str(last_ckpt[0]) if last_ckpt else None)  # same row on every rank
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}")
+                    knn = {} if tracker.last_knn is None else {"knn": f"{tracker.last_knn:.1f}"}
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", **knn)
                 window, n_window, imgs_window, t_window = {}, 0, 0, time.perf_counter()
             reason = _agreed_stop(stop, it, cfg.run.log_every)
             periodic = it % cfg.run.checkpoint_every == 0 and not watch.suspect  # no checkpoint of a collapse
@@ -262,7 +266,10 @@ def train(cfg: DictConfig) -> int:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        tracker.close()
     _export(method, cfg, out, env)
+    if env.is_main:
+        print_outputs(out)
     return 0
 
 

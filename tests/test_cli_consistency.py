@@ -1,0 +1,102 @@
+"""One consistent CLI (issue 17), through the real entry point: `--version`, unknown commands, help that
+names the command typed and lists every dataset spec, no faiss loader noise, one error prefix
+(`dinolike <command>: error: ...`), help text on every option, and viz taking bare key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dinolike(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250"}  # help lines unwrapped
+    return subprocess.run([sys.executable, "-m", "dinolike.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_version_and_unknown_command() -> None:
+    r = dinolike("--version")
+    assert r.returncode == 0 and r.stdout.startswith("dinolike ")
+    r = dinolike("frobnicate")
+    assert r.returncode == 2
+    assert "dinolike: error: unknown command 'frobnicate'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["eval", "--help"], "usage: dinolike eval"),
+        (["eval", "knn", "--help"], "usage: dinolike eval knn"),
+        (["submit", "--help"], "usage: dinolike submit"),
+        (["curate", "--help"], "usage: dinolike curate"),
+    ],
+)
+def test_help_names_the_command_typed(args: list[str], usage: str) -> None:
+    r = dinolike(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(usage)
+    assert "faiss" not in r.stdout + r.stderr  # no loader noise
+    if args[:2] == ["eval", "knn"]:
+        assert "folder-nolabels" in r.stdout and "manifest" in r.stdout
+
+
+def test_errors_share_one_prefix(tmp_path: Path) -> None:
+    cases = [
+        (["train", "--config", "configs/fmnist_smoke.yaml", "optim.bogus=1"], "dinolike train: error: "),
+        (["eval", "knn", "--pretrained", str(tmp_path / "nope.pth"), "--config", "vit_pico"],
+         "dinolike eval knn: error: "),
+        (["eval", "nope"], "dinolike eval: error: "),
+        (["plot", str(tmp_path)], "dinolike plot: error: "),
+        (["export", str(tmp_path / "nope.pth"), "--format", "hf", "--out", str(tmp_path / "o")],
+         "dinolike export: error: "),
+    ]
+    for args, prefix in cases:
+        r = dinolike(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert prefix in r.stderr, (args, r.stderr)
+
+
+def test_every_option_has_help() -> None:
+    from curation.cli import build_parser as curate
+    from dinolike.bench import build_parser as bench
+    from dinolike.interop.export_cli import build_parser as export
+    from dinolike.train.cli import build_parser as train
+    from eval.knn import build_parser as knn
+    from eval.linear import build_parser as linear
+    from eval.logreg import build_parser as logreg
+    from eval.plot import build_parser as plot
+    from eval.viz import build_parser as viz
+    from launch.submit import build_parser as submit
+
+    parsers = [train("train"), train("distill"), bench(), export(), knn(), linear(), logreg(), plot(), viz(),
+               curate(), submit()]
+    for p in parsers:
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{p.prog}: {action.option_strings or action.dest} has no help text"
+
+
+def test_viz_takes_bare_overrides_and_defaults_to_the_trained_resolution(tmp_path: Path) -> None:
+    img = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)).save(img)
+    pico = ["model.patch_size=7", "model.img_size=28", "model.in_chans=1", "model.depth=1",
+            "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "crops.global_size=28"]
+    out = tmp_path / "pca.png"
+    r = dinolike("viz", "--pretrained", "random", "--config", "vit_pico", "--tile", "64", "--out", str(out),
+                 "--device", "cpu", str(img), *pico)
+    assert r.returncode == 0, r.stderr
+    assert "at 28 px" in r.stdout  # the model's training size, not 224
+    assert Image.open(out).size == (64, 128)
+    r = dinolike("viz", "--pretrained", "random", "--config", "vit_pico", "--out", str(out), "--device", "cpu",
+                 str(img), "--opts", *pico)
+    assert r.returncode == 0 and "deprecated" in r.stderr

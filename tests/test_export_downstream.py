@@ -1,0 +1,78 @@
+"""Exports loaded the way their users load them (issue 17): `AutoImageProcessor` + `Dinov2Model` for the
+Hugging Face folder, `timm.create_model('local-dir:...')` + `resolve_data_config` for timm; each must
+carry the run's own mean/std and crop size, a model card, and files readable by others."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dinolike.config import load_config
+from dinolike.models import build_backbone
+from dinolike.train.export import export_backbone
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_run(tmp_path: Path) -> Path:
+    """A run folder as `dinolike train` leaves it (config.yaml, metrics.jsonl with a periodic kNN,
+    teacher_backbone.pth + sidecar) for the 28 px grey-scale smoke recipe, without the minutes of training."""
+    cfg = load_config(REPO / "configs" / "fmnist_smoke.yaml", [f"run.output_dir={tmp_path / 'run'}"])
+    run = Path(cfg.run.output_dir)
+    run.mkdir(parents=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 10, "loss": 5.0, "knn_top1": 61.25}) + "\n")
+    torch.manual_seed(0)
+    export_backbone(build_backbone(cfg.model, drop_path=False), cfg.model, run / "teacher_backbone.pth")
+    return run
+
+
+def export(run: Path, fmt: str, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "-m", "dinolike.cli", "export", str(run), "--format", fmt, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == fmt
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    card = (out / "README.md").read_text()
+    assert "fmnist:train" in card and "61.25" in card and "[0.286]" in card
+
+
+def test_hf_export_loads_with_auto_image_processor(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    out = tmp_path / "hf"
+    export(fake_run(tmp_path), "hf", out)
+    proc = transformers.AutoImageProcessor.from_pretrained(out)
+    assert list(proc.image_mean) == pytest.approx([0.286]) and list(proc.image_std) == pytest.approx([0.353])
+    model = transformers.Dinov2Model.from_pretrained(out).eval()
+    img = Image.fromarray((np.random.default_rng(0).random((40, 31)) * 255).astype(np.uint8), mode="L")
+    x = proc(images=img, return_tensors="pt")["pixel_values"]
+    assert tuple(x.shape) == (1, 1, 28, 28)  # the run's crop, one channel: no upsampling, no RGB
+    with torch.no_grad():
+        assert model(pixel_values=x).pooler_output.shape == (1, 96)
+
+
+def test_timm_export_reports_the_runs_preprocessing(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+
+    out = tmp_path / "timm"
+    export(fake_run(tmp_path), "timm", out)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data = timm.data.resolve_data_config({}, model=model)
+    assert data["input_size"] == (1, 28, 28)
+    assert list(data["mean"]) == pytest.approx([0.286]) and list(data["std"]) == pytest.approx([0.353])
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 96)
