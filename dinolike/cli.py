@@ -8,12 +8,12 @@ import sys
 
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dinolike.train.cli", "pretrain (or run a high-res phase) from a config"),
-    "distill": ("dinolike.train.cli", "distill a pretrained teacher into smaller students"),
+    "train": ("dinolike.commands.train", "pretrain (or run a high-res phase) from a config"),
+    "distill": ("dinolike.commands.train", "distill a pretrained teacher into smaller students"),
     "eval": ("eval.__main__", "knn | linear | logreg evaluation of a checkpoint"),
     "plot": ("eval.plot", "PNG of the training curves of a run directory"),
     "viz": ("eval.viz", "PCA picture of patch features"),
-    "export": ("dinolike.interop.export_cli", "export a checkpoint: official | hf | timm"),
+    "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
     "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
     "submit": ("launch.__main__", "submit a job to SLURM through submitit"),
     "curate": ("curation.__main__", "curation steps: embed | dedup | retrieve | sample | build"),

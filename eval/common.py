@@ -20,23 +20,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from eval.features import (
-    FeatureError,
-    FeatureSet,
-    cached_features,
-    dataset_fingerprint,
-    dist_info,
-    extract_features,
-)
+from dinolike.data.normalize import build_eval_transform, default_stats
+from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
+from eval.feature_cache import cached_features, dataset_fingerprint, path_fingerprint
 
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
 RANDOM = "random"
-
-# Fashion-MNIST statistics: the fallback for 1-channel data when the run config has no data.mean/std
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The eval section of the config: every value can be overridden with `eval.<key>=...` on the command line.
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -209,7 +200,7 @@ def data_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple
     """Normalisation from the run config's data section, falling back to FMNIST (1 ch) / ImageNet (3 ch)."""
     mean, std = _cfg_get(cfg, "data.mean"), _cfg_get(cfg, "data.std")
     if mean is None or std is None:
-        mean, std = (FMNIST_MEAN, FMNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = default_stats(channels)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
@@ -238,22 +229,6 @@ def eval_sizes(cfg: DictConfig, dataset_spec: str, patch_size: int | None) -> tu
     return int(resize), res
 
 
-def build_eval_transform(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Any], torch.Tensor]:
-    """Resize shorter side -> center crop -> tensor -> normalise (the standard eval preprocessing)."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -263,7 +238,8 @@ def load_backbone(
     """The frozen backbone for `pretrained` (None for the pixel baseline) and the config it was built with."""
     if pretrained == PIXELS:
         return None, cfg
-    from dinolike.models import build_backbone, load_pretrained
+    from dinolike.interop import load_pretrained
+    from dinolike.models import build_backbone
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if has_model_cfg and "model" in cfg else None
     if pretrained == RANDOM:
@@ -296,14 +272,12 @@ def model_channels(model: torch.nn.Module, cfg: DictConfig) -> int:
 
 def source_fingerprint(pretrained: str, cfg: DictConfig, which: str) -> dict[str, Any]:
     """What identifies the feature extractor in the cache key."""
-    from eval.features import _path_fingerprint
-
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
     if pretrained == PIXELS:
         return {"source": PIXELS}
     if pretrained == RANDOM:
         return {"source": RANDOM, "seed": int(cfg.eval.seed), "model": model_cfg}
-    return {"source": "ckpt", "which": which, "file": _path_fingerprint(pretrained), "model": model_cfg}
+    return {"source": "ckpt", "which": which, "file": path_fingerprint(pretrained), "model": model_cfg}
 
 
 def default_cache_dir() -> str:

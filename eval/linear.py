@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eval.features import FeatureSet
+from dinolike.evaluation.features import FeatureSet
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.features import FeatureSet
+from dinolike.evaluation.features import FeatureSet
 from eval.linear import split_train_val
 
 log = logging.getLogger(__name__)

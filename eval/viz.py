@@ -83,7 +83,7 @@ def pca_figure(
     device: str = "cpu",
 ) -> Image.Image:
     """Grid PNG: row 1 the (center-cropped) inputs, row 2 their PCA maps; each tile tile x tile pixels."""
-    from eval.common import build_eval_transform
+    from dinolike.data.normalize import build_eval_transform
 
     p = int(model.patch_size)
     tf = build_eval_transform(resolution, resolution, mean, std)

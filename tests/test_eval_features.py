@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.common import build_eval_transform
-from eval.features import FeatureSet, cache_key, cached_features, extract_features
+from dinolike.data.normalize import build_eval_transform
+from dinolike.evaluation.features import FeatureSet, extract_features
+from eval.feature_cache import cache_key, cached_features
 
 MEAN, STD = (0.2860,), (0.3530,)
 
@@ -93,14 +94,14 @@ def test_cache_reuses_and_invalidates(tmp_path) -> None:
 
     ckpt = tmp_path / "a.pth"
     ckpt.write_bytes(b"x")
-    from eval.features import _path_fingerprint
+    from eval.feature_cache import path_fingerprint
 
-    key = {"file": _path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
+    key = {"file": path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
     a, hit_a = cached_features(tmp_path / "c", key, compute)
     b, hit_b = cached_features(tmp_path / "c", key, compute)
     assert (hit_a, hit_b) == (False, True) and len(calls) == 1 and torch.equal(a.cls, b.cls)
     os.utime(ckpt, ns=(1, 1))  # a rewritten checkpoint must not hit the old features
-    key2 = {"file": _path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
+    key2 = {"file": path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
     assert cache_key(key2) != cache_key(key)
     _, hit_c = cached_features(tmp_path / "c", key2, compute)
     assert not hit_c and len(calls) == 2

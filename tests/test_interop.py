@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from dinolike.commands.export import main as export_main
 from dinolike.config import load_config
-from dinolike.interop.export_cli import main as export_main
 from dinolike.interop.official import (
     load_backbone_weights,
     load_teacher_checkpoint,

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dinolike.train.loop as loop
+from dinolike.commands.train import main as train_cli
 from dinolike.config import load_config
-from dinolike.models import load_pretrained
+from dinolike.interop import load_pretrained
 from dinolike.train import checkpoint as ck
-from dinolike.train.cli import main as train_cli
 from dinolike.train.schedules import build_schedules
 
 REPO = Path(__file__).resolve().parent.parent

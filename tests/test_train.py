@@ -73,7 +73,7 @@ def test_sigkill_then_resume_is_bit_exact_and_loss_goes_down(tmp_path: Path) -> 
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
     assert (ref / "teacher_backbone.pth").is_file() and (ref / "config.yaml").is_file()
     # the exported backbone loads strictly into a fresh model and is the teacher's backbone
-    from dinolike.models import load_pretrained
+    from dinolike.interop import load_pretrained
 
     model, _ = load_pretrained(ref / "teacher_backbone.pth")
     for k, v in model.state_dict().items():

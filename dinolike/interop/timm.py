@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinolike.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dinolike.interop.common import (
     InteropError,
     load_safetensors,
@@ -29,7 +30,6 @@ from dinolike.interop.common import (
 )
 
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
-_DINOV2_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def timm_to_dinolike(
@@ -161,7 +161,7 @@ def save_timm(out_dir: str | Path, state: Mapping[str, Tensor], cfg: Mapping[str
     out_dir = Path(out_dir)
     sd, name, model_args = dinolike_to_timm(state, cfg)
     save_safetensors(sd, out_dir / "model.safetensors")
-    mean, std = _DINOV2_MEAN_STD if model_args["in_chans"] == 3 else ((0.5,), (0.5,))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if model_args["in_chans"] == 3 else ((0.5,), (0.5,))
     size = model_args["img_size"]
     config = {
         "architecture": name,

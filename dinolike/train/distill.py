@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dinolike.models import CheckpointMismatchError, load_state_strict
-from dinolike.train.checkpoint import load_checkpoint
+from dinolike.train.checkpoint import load_checkpoint, resolve_checkpoint
 from dinolike.train.method import Method
 from dinolike.train.optim import param_groups
 from dinolike.train.ssl import SSLMethod, SSLTargets, build_student, ssl_loss_terms
@@ -30,8 +30,6 @@ def _teacher_config(path: str | Path) -> tuple[DictConfig, dict, Path]:
     `path` may be a checkpoint file or a run directory (its newest checkpoint). Only pretraining
     checkpoints hold a `teacher`: a distillation checkpoint is refused with a message that says so.
     """
-    from dinolike.train.loop import resolve_checkpoint
-
     src = resolve_checkpoint(path, what="distill.teacher")
     ckpt = load_checkpoint(src)
     if "teacher" not in ckpt["model"]:

@@ -107,19 +107,6 @@ def _restore_rng(ckpt: dict, env: dist.DistEnv, seed: int, it: int) -> None:
         torch.manual_seed(seed + env.rank + 1_000_003 * it)
 
 
-def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
-    """A checkpoint file, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
-    p = Path(path)
-    if p.is_dir():
-        found = ck.list_checkpoints(p / "checkpoints") or ck.list_checkpoints(p)
-        if not found:
-            raise FileNotFoundError(f"{what}: no checkpoint (ckpt_*.pt) in {p} or {p / 'checkpoints'}")
-        return found[-1]
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: checkpoint not found: {p}")
-    return p
-
-
 def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, source: Path) -> None:
     from dinolike.models.load import check_state
 
@@ -174,7 +161,7 @@ def train(cfg: DictConfig) -> int:
         _restore_rng(ckpt, env, cfg.run.seed, start)
         log.info("resumed from %s at iteration %d", resume_from[0], start)
     elif cfg.run.init_from:
-        src = resolve_checkpoint(cfg.run.init_from, what="run.init_from")
+        src = ck.resolve_checkpoint(cfg.run.init_from, what="run.init_from")
         ckpt = ck.load_checkpoint(src)
         _restore(method, opt, ckpt, src)
         start = ckpt["iteration"]  # the schedules continue where the previous phase stopped
