@@ -195,8 +195,8 @@ def _linear_probe(
             for kind, bank in banks.items():
                 logits = bank.logits(inputs(cls_b, pm_b, kind))  # [H, B, C]
                 h = logits.shape[0]
-                loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(h)) * h
-                loss.backward()
+                ce = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(h)) * h  # sum over the H heads
+                ce.backward()
                 bank.sgd_step(lr_t * scale, momentum, weight_decay)
             step += 1
 

@@ -166,6 +166,27 @@ def test_multi_student_exports_each_students_ema(distilled: dict) -> None:
     assert all(s["dino_head"].last_layer.weight_v.shape[0] == 64 for s in method.students)
 
 
+def test_bench_times_the_loops_step_and_clips_per_student(pretrained: Path, monkeypatch) -> None:
+    """`dinolike bench` runs the loop's train_step: distillation is clipped per student there too."""
+    from dinolike.bench import run_bench
+
+    clipped: list[int] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def record(params, *args, **kwargs):
+        clipped.append(len(list(params)))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    cfg = load_config(SMOKE, [*TINY, f"distill.teacher={pretrained}", "model.depth=1",
+                              "distill.students=[{depth: 2}]"])
+    res = run_bench(cfg, iters=1, warmup=0, synthetic=True)
+    assert set(res["breakdown_ms"]) == {"data", "teacher_forward", "student_forward_and_losses", "backward",
+                                        "optimizer", "ema"}
+    method = loop.build_method(cfg)
+    assert clipped == [len(g) for g in method.grad_clip_groups()] and len(clipped) == 2
+
+
 def test_distillation_resumes_bit_exact(pretrained: Path, tmp_path: Path) -> None:
     args = [*TINY, f"distill.teacher={pretrained}", "model.depth=1", "masking.probability=0.0",
             "optim.epochs=1", "run.checkpoint_every=2"]

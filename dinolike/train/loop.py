@@ -1,12 +1,12 @@
 """The one training loop: pretraining, the high-res phase and distillation all run through `train()`.
 
 Reading order: `train` builds the method (ssl.py or distill.py), optimizer, schedules and data, resumes,
-then each iteration is `forward_loss -> backward -> clip -> step -> after_step (EMA)`.
+then each iteration runs `train_step` (step.py): `forward_loss -> backward -> clip -> step -> after_step (EMA)`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,9 +25,11 @@ from dinolike.train import checkpoint as ck
 from dinolike.train.collapse import CollapseWatch
 from dinolike.train.data import build_train_loader
 from dinolike.train.export import export_backbone
-from dinolike.train.optim import apply_schedule, build_optimizer
+from dinolike.train.method import Method
+from dinolike.train.optim import build_optimizer
 from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.train.schedules import build_schedules
+from dinolike.train.step import train_step
 
 log = logging.getLogger("dinolike.train")
 
@@ -36,7 +38,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the iteration and the loss term."""
 
 
-def build_method(cfg: DictConfig) -> nn.Module:
+def build_method(cfg: DictConfig) -> Method:
     if cfg.distill.teacher:
         from dinolike.train.distill import DistillMethod
 
@@ -124,12 +126,6 @@ def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, s
             raise CheckpointMismatchError(f"optimizer state in {source} does not fit this model: {e}") from None
 
 
-def _autocast(device: torch.device, cfg: DictConfig):
-    if device.type == "cuda" and cfg.dist.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are ~100x slower on CPUs without bf16
-
-
 def train(cfg: DictConfig) -> int:
     """Run (or resume) the job the config describes. Returns a process exit status."""
     env = dist.init_distributed(cfg.run.device)
@@ -183,8 +179,7 @@ def train(cfg: DictConfig) -> int:
     window: dict[str, float] = {}
     n_window, skipped, t_window, imgs_window = 0, 0, time.perf_counter(), 0
     it = start
-    params = [p for g in opt.param_groups for p in g["params"]]
-    clip_groups = getattr(method, "grad_clip_groups", lambda: [params])()  # distillation: per student
+    clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
     last_ckpt = ck.list_checkpoints(ckpt_dir)[-1:] or None
     try:
@@ -200,19 +195,10 @@ def train(cfg: DictConfig) -> int:
                 continue
             batch = method.to_device(batch, env.device)
             s = sched.at(it)
-            apply_schedule(opt, s["lr"], s["last_layer_lr"], s["wd"])
-            with _autocast(env.device, cfg):
-                loss, metrics = method.forward_loss(batch, s)
-            if env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0:
-                _check_finite(it, metrics)  # a sync (over ranks too): every step on CPU, at log time on GPU
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.sync_gradients()
-            if cfg.optim.clip_grad > 0:
-                for group in clip_groups:
-                    torch.nn.utils.clip_grad_norm_(group, cfg.optim.clip_grad, foreach=True)
-            opt.step()
-            method.after_step(s)
+            # the finite check is a sync (over ranks too): every step on CPU, at log time on GPU
+            check = env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0
+            metrics = train_step(method, opt, batch, s, env.device, clip_groups,
+                                 check=functools.partial(_check_finite, it) if check else None)
             it += 1
             n_window += 1
             imgs_window += batch["batch_size"]
@@ -281,7 +267,7 @@ def _export(method: nn.Module, cfg: DictConfig, out: Path, env: dist.DistEnv) ->
     """Every rank calls (under FSDP the full tensors are gathered to rank 0); rank 0 writes plain,
     unsharded state dicts, and the others wait so that nothing reads the file before it exists."""
     backbones = {"teacher": (method.kept_backbone(), cfg.model)}
-    backbones.update(getattr(method, "extra_backbones", dict)())
+    backbones.update(method.extra_backbones())
     for name, (backbone, model_cfg) in backbones.items():
         plain = method.plain_backbone(backbone, model_cfg, torch.device("cpu"), rank0_only=True)
         if env.is_main:
