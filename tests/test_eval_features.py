@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import free_port
 
 from dinolike.data.normalize import build_eval_transform
 from dinolike.evaluation.features import FeatureSet, extract_features
@@ -112,12 +112,6 @@ def test_cache_reuses_and_invalidates(tmp_path) -> None:
     assert not hit_d and len(calls) == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -134,7 +128,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_distributed_shards_gather_to_the_single_process_result(tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     imgs, labels = _data(37)
     ref = _extract(_model(), _GrayDataset(imgs, labels, broken=(4,), expose=False), batch_size=8)
     for r in range(2):

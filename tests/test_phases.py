@@ -6,12 +6,12 @@ run here is a handful of iterations of a 1-2 block ViT on 64 images.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from testkit import SMOKE, rows
 
 import dinolike.train.loop as loop
 from dinolike.commands.train import main as train_cli
@@ -20,8 +20,6 @@ from dinolike.interop import load_pretrained
 from dinolike.train import checkpoint as ck
 from dinolike.train.schedules import build_schedules
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 TINY = [  # smaller than the smoke recipe: 64 images, batches of 8, small heads, a log row per iteration
     "data.limit=64", "data.batch_size=8", "heads.out_dim=64", "heads.ibot_out_dim=64", "heads.hidden_dim=32",
     "heads.bottleneck_dim=16", "run.log_every=1", "run.progress=false", "optim.epoch_length=4",
@@ -45,10 +43,6 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(SMOKE, [*TINY, f"run.output_dir={out}", "optim.epochs=1", "run.checkpoint_every=4"])
     assert loop.train(cfg) == 0
     return out
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def last_ckpt(out: Path) -> dict:

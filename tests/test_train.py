@@ -1,6 +1,5 @@
 """End to end: the training loop on real Fashion-MNIST images, resume (exact), NaN guard, bad images."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import REPO, SMOKE, rows
 
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.train import checkpoint as ck
 from dinolike.train.loop import NonFiniteLossError, train
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.Popen:
@@ -27,10 +24,6 @@ def run_cli(out: Path, *overrides: str) -> subprocess.Popen:
            f"run.output_dir={out}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def teacher_state(out: Path) -> dict[str, torch.Tensor]:
