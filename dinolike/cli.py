@@ -1,10 +1,18 @@
-"""`dinolike COMMAND ...`: one entry point; each command lives in its own module."""
+"""`dinolike COMMAND ...`: one entry point; each command lives in its own module.
+
+This is the top of the house (the CLI floor, with `dinolike/commands` and the command packages): it may
+name any command; the library below never imports it. The command packages `eval`, `curation` and
+`launch` are reached through `import_command` (installed as `dinolike_eval`, ...; see
+`dinolike/commands/packages.py`), so another distribution's `eval` or `launch` cannot take their place.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import sys
+
+from dinolike.commands.packages import COMMAND_PACKAGES, import_command
 
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: dinolike COMMAND [ARGS]\n\ncommands:\n{lines}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    name = COMMANDS[argv[0]][0]
+    module = import_command(name) if name.partition(".")[0] in COMMAND_PACKAGES else importlib.import_module(name)
     if argv[0] in ("train", "distill"):
         return module.main(argv)
     return module.main(argv[1:])

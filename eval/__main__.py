@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m eval {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    module = importlib.import_module(f"eval.{argv[0]}")
+    module = importlib.import_module(f".{argv[0]}", __package__)  # eval.X, or dinolike_eval.X installed
     return int(module.main(argv[1:]))
 
 

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from dinolike.config import BASE, CONFIG_DIR, ConfigError, load_config, load_schema
 from dinolike.data.normalize import build_eval_transform, default_stats
 from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
-from eval.feature_cache import cached_features, dataset_fingerprint, path_fingerprint
+
+from .feature_cache import cached_features, dataset_fingerprint, path_fingerprint
 
 log = logging.getLogger(__name__)
 

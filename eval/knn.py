@@ -12,7 +12,7 @@ from dinolike.evaluation.knn import knn_eval
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_common_args
+    from .common import add_common_args
 
     p = argparse.ArgumentParser(
         prog="python -m eval.knn", description="Weighted kNN classification on frozen backbone features."
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Extract (or load cached) features and run the kNN protocol with the config's eval.knn settings."""
-    from eval.common import EvalSetup
+    from .common import EvalSetup
 
     setup = EvalSetup.from_args(args)
     kcfg = setup.cfg.eval.knn
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import run_cli
+    from .common import run_cli
 
     return run_cli(build_parser(), run, argv)
 

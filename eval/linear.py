@@ -250,7 +250,7 @@ def _linear_probe(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_common_args
+    from .common import add_common_args
 
     p = argparse.ArgumentParser(
         prog="python -m eval.linear",
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from eval.common import EvalSetup
+    from .common import EvalSetup
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.linear
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import run_cli
+    from .common import run_cli
 
     return run_cli(build_parser(), run, argv)
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import EvalError, data_stats, load_backbone, model_channels, resolve_config
+    from .common import EvalError, data_stats, load_backbone, model_channels, resolve_config
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

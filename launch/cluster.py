@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.pids import pid_alive, pid_is, terminate
-from launch.slurm_conf import NODE_NAME, PARTITION, write_configs
+from .pids import pid_alive, pid_is, terminate
+from .slurm_conf import NODE_NAME, PARTITION, write_configs
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
 # Binaries we need, mapped to the package that provides them (to decide whether to install).

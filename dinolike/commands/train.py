@@ -75,8 +75,9 @@ def main(argv: list[str]) -> int:
 
 def final_knn(cfg: DictConfig) -> int:
     """The full kNN evaluation of the exported teacher, printed as a table at the end of the run."""
-    from eval.knn import main as knn_main
+    from dinolike.commands.packages import import_command
 
+    knn_main = import_command("eval.knn").main
     out = Path(cfg.run.output_dir)
     print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
     return knn_main([
