@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from dinolike.data import FashionMNIST, MaskSampler, MultiCropAugmentation, SSLDataset, build_ssl_loader
-from dinolike.data.augment import FMNIST_MEAN, FMNIST_STD, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
+from dinolike.data.augment import blur_kernel_size
+from dinolike.data.normalize import default_stats
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def _torchvision_pil(cfg: Config) -> Callable[[Image.Image], dict]:
     """The DINOv2 recipe written with classic torchvision transforms on PIL images (one crop at a time)."""
     from torchvision import transforms as T
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else (FMNIST_MEAN, FMNIST_STD)
+    mean, std = default_stats(cfg.channels)
 
     def pipeline(size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> T.Compose:
         k = blur_kernel_size(size)
@@ -89,7 +90,7 @@ def _torchvision_v2_tensor(cfg: Config) -> Callable[[Image.Image], dict]:
     """Same recipe with torchvision.transforms.v2 on uint8 tensors (one crop at a time)."""
     from torchvision.transforms import v2
 
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else (FMNIST_MEAN, FMNIST_STD)
+    mean, std = default_stats(cfg.channels)
 
     def pipeline(size: int, scale: tuple[float, float], blur_p: float, sol_p: float) -> v2.Compose:
         k = blur_kernel_size(size)

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.features import FeatureSet  # noqa: E402
-from eval.knn import knn_eval  # noqa: E402
+from dinolike.evaluation.features import FeatureSet  # noqa: E402
+from dinolike.evaluation.knn import knn_eval  # noqa: E402
 from eval.linear import linear_probe  # noqa: E402
 from eval.logreg import logreg_eval  # noqa: E402
 

@@ -13,9 +13,9 @@ import sys
 
 from omegaconf import OmegaConf
 
-from curation.config import ConfigError, load_config
-from curation.pipeline import STEPS, run_step
-from curation.store import StepOutputError, write_lines
+from .config import ConfigError, load_config
+from .pipeline import STEPS, run_step
+from .store import StepOutputError, write_lines
 
 __all__ = ["build_parser", "main"]
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.step == "demo":
-            from curation.demo import write_demo_pool
+            from .demo import write_demo_pool
 
             truth = write_demo_pool(args.demo_out, n_originals=args.demo_n)
             print(json.dumps(truth["counts"]))

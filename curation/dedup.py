@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from curation.index import build_index, gpu_enabled, index_kind, iter_search, search
-from curation.selfjoin import threshold_join
-from curation.unionfind import connected_components
+from .index import build_index, gpu_enabled, index_kind, iter_search, search
+from .selfjoin import threshold_join
+from .unionfind import connected_components
 
 __all__ = ["DedupResult", "self_edges", "reference_matches", "deduplicate"]
 

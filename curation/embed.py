@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from curation.config import section_fingerprint
-from curation.embedders import Embedder, build_embedder
-from curation.store import ShardSet, StepOutputError, read_lines, write_lines
 from dinolike.data.datasets import build_dataset, load_image
+
+from .config import section_fingerprint
+from .embedders import Embedder, build_embedder
+from .store import ShardSet, StepOutputError, read_lines, write_lines
 
 __all__ = ["SETS", "set_specs", "shard_set", "prepare_sets", "embed_shard", "pending_shards", "run_embed",
            "submit_embed", "load_set"]

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from dinolike.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["Embedder", "PixelEmbedder", "BackboneEmbedder", "build_embedder", "resolve_device"]
 
 
@@ -139,10 +141,10 @@ class BackboneEmbedder:
 
     def __init__(
         self, checkpoint: str, which: str = "teacher", img_size: int = 224,
-        mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
+        mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
         device: str = "auto",
     ) -> None:
-        from dinolike.models import load_pretrained  # heavy import only for this embedder
+        from dinolike.interop import load_pretrained  # heavy import only for this embedder
 
         if not checkpoint or not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"embed.backbone.checkpoint: file not found: {checkpoint!r}")

@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from curation.config import section_fingerprint
-from curation.dedup import DedupResult, deduplicate
-from curation.embed import load_set, prepare_sets, run_embed, set_specs, shard_set
-from curation.index import set_threads
-from curation.retrieve import cluster_based, sample_based
-from curation.sample import balanced_sample, hierarchical_kmeans
-from curation.store import StepOutputError, save_npz, write_json, write_lines
+from .config import section_fingerprint
+from .dedup import DedupResult, deduplicate
+from .embed import load_set, prepare_sets, run_embed, set_specs, shard_set
+from .index import set_threads
+from .retrieve import cluster_based, sample_based
+from .sample import balanced_sample, hierarchical_kmeans
+from .store import StepOutputError, save_npz, write_json, write_lines
 
 __all__ = ["STEPS", "run_step", "load_dedup", "step_dedup", "step_retrieve", "step_sample", "step_build"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from curation.index import assign, build_index, kmeans, search
-from curation.sample import group_members
+from .index import assign, build_index, kmeans, search
+from .sample import group_members
 
 __all__ = ["Retrieved", "sample_based", "cluster_based"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.index import assign, kmeans
+from .index import assign, kmeans
 
 __all__ = ["hierarchical_kmeans", "balanced_quota", "balanced_sample", "group_members"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from curation.index import ivf_nlist, make_quantizer, search, train_centroids
+from .index import ivf_nlist, make_quantizer, search, train_centroids
 
 __all__ = ["threshold_join", "top_k_per_row"]
 

@@ -1,8 +1,10 @@
 """`dinolike bench --config FILE [key=value ...]`: time the real training step.
 
-Reports img/s, a step-time breakdown (data, teacher forward, student forward + losses, backward,
-optimizer, EMA), peak memory, model FLOPs (fvcore for the dense layers, attention counted here because
-fvcore skips SDPA) and MFU against the matmul throughput measured on the same device in the same run.
+It runs the loop's own `train_step` (dinolike/train/step.py) with a timer around each phase, so what is
+timed is what trains. Reports img/s, a step-time breakdown (data, teacher forward, student forward +
+losses, backward, optimizer with the gradient clip, EMA), peak memory, model FLOPs (fvcore for the dense
+layers, attention counted here because fvcore skips SDPA) and MFU against the matmul throughput measured
+on the same device in the same run.
 It also times the "pure" reference (student backbone forward/backward plus teacher backbone forward on the
 same batch, no heads or losses) so the overhead of everything else is one number: `overhead_ratio`.
 
@@ -140,12 +142,14 @@ def _batches(cfg: DictConfig, env, synthetic: bool):
 
 
 def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False) -> dict:
+    """Time `train_step` (the loop's own step) phase by phase, and the pure-backbone reference beside it."""
     from dinolike import dist
     from dinolike.layers import attention_backend
-    from dinolike.train.loop import _autocast, build_method
-    from dinolike.train.optim import apply_schedule, build_optimizer
+    from dinolike.train.loop import build_method
+    from dinolike.train.optim import build_optimizer
     from dinolike.train.schedules import build_schedules
-    from dinolike.train.ssl import compile_step_modules, ssl_loss_terms
+    from dinolike.train.ssl import SSLMethod, compile_step_modules
+    from dinolike.train.step import train_step
 
     if iters < 1:
         raise ValueError(f"--iters must be >= 1, got {iters}")
@@ -157,14 +161,14 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False)
     if cfg.run.compile:
         compile_step_modules(method)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
-    params = [p for g in opt.param_groups for p in g["params"]]
+    clip_groups = method.grad_clip_groups()  # as the loop: distillation clips per student
     sched = build_schedules(cfg, cfg.data.batch_size * env.world_size)
     loader = _batches(cfg, env, synthetic)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     acc: dict[str, float] = defaultdict(float)
     n_img = 0
-    is_ssl = hasattr(method, "teacher_targets") and not hasattr(method, "students")
+    is_ssl = isinstance(method, SSLMethod)  # the pure-backbone reference and FLOPs are written for one student
     full_s: list[float] = []  # per measured iteration, without data loading
     pure_s: list[float] = []
     for i in range(warmup + iters):
@@ -174,28 +178,8 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False)
         it_acc: dict[str, float] = defaultdict(float)
         with _timed(it_acc, "data", dev):
             batch = method.to_device(next(loader), dev)
-        s = sched.at(i)
-        apply_schedule(opt, s["lr"], s["last_layer_lr"], s["wd"])
-        with _autocast(dev, cfg):
-            if is_ssl:
-                with _timed(it_acc, "teacher_forward", dev):
-                    t_out = method.teacher_targets(method.teacher, batch, s["teacher_temp"])
-                with _timed(it_acc, "student_forward_and_losses", dev):
-                    method.student.train()
-                    loss, _ = ssl_loss_terms(method.cfg, method.student, t_out, batch)
-            else:
-                with _timed(it_acc, "forward_and_losses", dev):
-                    loss, _ = method.forward_loss(batch, s)
-        with _timed(it_acc, "backward", dev):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.sync_gradients()
-        with _timed(it_acc, "optimizer", dev):
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad, foreach=True)
-            opt.step()
-        with _timed(it_acc, "ema", dev):
-            method.after_step(s)
+        train_step(method, opt, batch, sched.at(i), dev, clip_groups,
+                   phase=lambda name, it_acc=it_acc: _timed(it_acc, name, dev))
         pure = _pure_backbones(method, batch, dev, cfg) if is_ssl else None  # same batch, same moment
         if i < warmup:
             continue
@@ -251,19 +235,20 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False)
 def _pure_backbones(method, batch: dict, dev: torch.device, cfg: DictConfig) -> float:
     """Seconds of backbones only (no heads, losses, targets, optimizer, EMA): the floor the full step is
     judged by. Leaves no gradient behind (the next step starts with zero_grad anyway)."""
-    from dinolike.train.loop import _autocast
+    from dinolike.train.step import autocast
 
     s_bb, t_bb = method.student["backbone"], method.teacher["backbone"]
     crops = [batch["global_crops"]] + ([batch["local_crops"]] if batch["local_crops"] is not None else [])
     masks = [batch["masks"]] + [None] * (len(crops) - 1)
     _sync(dev)
     t = time.perf_counter()
-    with _autocast(dev, cfg):
+    with autocast(dev, cfg):
         with torch.no_grad():
             t_bb.forward_features(batch["global_crops_teacher"])
         outs = s_bb.forward_features(crops, masks=masks)
-        loss = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
-    loss.backward()
+        # a stand-in scalar (not a loss): backward through the backbone is what is timed
+        token_sum = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
+    token_sum.backward()
     _sync(dev)
     elapsed = time.perf_counter() - t
     s_bb.zero_grad(set_to_none=True)

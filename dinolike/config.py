@@ -1,5 +1,8 @@
 """Config loading: the schema `configs/base.yaml` <- recipe file(s) <- command-line dot-list.
 
+One loader for every command: training (`configs/base.yaml`), curation (`configs/curation/base.yaml`) and
+evaluation (`configs/eval/base.yaml` next to the training schema) differ only in their schema files.
+
 The schema is strict: a key it does not hold is an error that names the key and suggests the closest
 known one (the official code accepts typos silently, and a mistyped learning-rate key trains the default).
 """
@@ -97,12 +100,21 @@ def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictC
         raise ConfigError(f"bad value in {source}: {e}") from None
 
 
+def load_schema(*files: Path) -> DictConfig:
+    """One command's schema from several files, merged in order (the eval commands: their own `eval.*`
+    keys next to the training schema, whose run configs they read)."""
+    return OmegaConf.merge(*(OmegaConf.load(f) for f in files))
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, schema_file: Path = BASE
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema_file: Path = BASE,
+    schema: DictConfig | None = None,
 ) -> DictConfig:
-    """Merged, read-only-schema config. `overrides` are `section.key=value` strings; `schema_file` is the
-    schema (the training one by default; curation has its own)."""
-    schema = OmegaConf.load(schema_file)
+    """Merged, read-only-schema config. `overrides` are `section.key=value` strings; the schema is
+    `schema_file` (the training one by default; curation has its own) or, when given, `schema`."""
+    schema = OmegaConf.load(schema_file) if schema is None else schema
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"{usage()}\n\ndinolike eval: error: unknown protocol {argv[0]!r}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"eval.{argv[0]}")
+    module = importlib.import_module(f".{argv[0]}", __package__)  # eval.X, or dinolike_eval.X installed
     return int(module.main(argv[1:]))
 
 

@@ -20,59 +20,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dinolike.config import BASE, CONFIG_DIR, ConfigError, load_config, load_schema
 from dinolike.data.datasets import DATASET_SPEC_HELP
-from eval.features import (
-    FeatureError,
-    FeatureSet,
-    cached_features,
-    dataset_fingerprint,
-    dist_info,
-    extract_features,
-)
+from dinolike.data.normalize import build_eval_transform, default_stats
+from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
+
+from .feature_cache import cached_features, dataset_fingerprint, path_fingerprint
 
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
 RANDOM = "random"
 
-# Fashion-MNIST statistics: the fallback for 1-channel data when the run config has no data.mean/std
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-# The eval section of the config: every value can be overridden with `eval.<key>=...` on the command line.
-EVAL_DEFAULTS: dict[str, Any] = {
-    "eval": {
-        "batch_size": 256,
-        "num_workers": 2,
-        "resolution": None,  # crop size; None: crops.global_size of the run, else 28 for fmnist, else 224
-        "resize": None,  # shorter side before the crop; None: crop for small images, crop*256/224 otherwise
-        "n_last_blocks": 4,  # CLS tokens stored per image (the linear grid uses the last 1 and 4)
-        "seed": 0,
-        "knn": {"ks": [10, 20, 100, 200], "temperature": 0.07, "chunk": 1024},
-        "linear": {
-            # DINOv2's grid; each lr is scaled by batch_size / 256
-            "lrs": [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1],
-            "n_last_blocks": [1, 4],
-            "avgpool": [False, True],
-            "epochs": 10,
-            "batch_size": 256,
-            "momentum": 0.9,
-            "weight_decay": 0.0,
-            "val_fraction": 0.1,
-            "cpu_threads": 1,  # torch threads while training on CPU (null: torch default); see linear_probe
-        },
-        "logreg": {
-            # fits with large C need the most L-BFGS iterations; on 2 CPU cores this grid is the
-            # affordable one (DINOv2 sweeps 45 Cs with cuML on GPU)
-            "cs": [1e-3, 1e-2, 1e-1, 1.0, 10.0],
-            "max_iter": 500,
-            "val_fraction": 0.1,
-            "standardize": True,
-            "backend": "auto",  # auto: cuML when importable and a GPU is present, else scikit-learn
-            "blas_threads": 1,  # BLAS threads during the fits (null: library default); see logreg_eval
-        },
-    }
-}
+# The eval commands' own config section (every key can be set with `eval.<key>=...` on the command line)
+SCHEMA = CONFIG_DIR / "eval" / "base.yaml"
 
 
 class EvalError(Exception):
@@ -136,38 +97,15 @@ def _find_run_config(pretrained: str) -> Path | None:
     return None
 
 
-def _check_override_keys(cfg: DictConfig, opts: Sequence[str]) -> None:
-    """A mistyped override must fail loudly, not evaluate with the default (names the closest key)."""
-    import difflib
-
-    known: list[str] = []
-
-    def walk(node: DictConfig, prefix: str) -> None:
-        for k, v in node.items():
-            known.append(prefix + str(k))
-            if isinstance(v, DictConfig):
-                walk(v, f"{prefix}{k}.")
-
-    walk(cfg, "")
-    for o in opts:
-        key, eq, _ = o.partition("=")
-        if not eq:
-            raise EvalError(f"overrides must be key=value, got {o!r}")
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise EvalError(f"unknown config key '{key}' on the command line{hint}")
-
-
 def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> tuple[DictConfig, bool]:
-    """EVAL_DEFAULTS <- run config <- command-line overrides; returns (config, has_model_config).
+    """Schema (configs/eval/base.yaml + the training schema) <- run config <- command-line overrides,
+    through the strict config loader; returns (config, has_model_config).
 
     The run config is `--config` (a recipe/run YAML or an arch preset on top of configs/base.yaml), else
     the config.yaml of the run the checkpoint lives in. Without either, a checkpoint's architecture comes
-    from the checkpoint itself (has_model_config False), and the pixel baseline needs no model at all.
+    from the checkpoint itself (has_model_config False; no `model.*` key), and the pixel baseline needs no
+    training key at all (only `eval.*`).
     """
-    from dinolike.config import ConfigError, load_config
-
     path, preset = None, None
     if config is not None:
         if os.path.isfile(config):
@@ -183,21 +121,19 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     if pretrained == RANDOM and not has_model:
         raise EvalError("--pretrained random needs --config (a run config or an arch preset)")
     if not has_model and pretrained == PIXELS:
-        run_cfg = OmegaConf.create({})
-    else:
-        try:
-            run_cfg = load_config(path, [f"model.arch={preset}"] if preset else None)
-        except ConfigError as e:
-            raise EvalError(str(e)) from e
-        OmegaConf.set_struct(run_cfg, False)
+        schema = load_schema(SCHEMA)
+    else:  # the eval section first: results.json lists its keys before the run's
+        schema = load_schema(SCHEMA, BASE)
         if not has_model:
-            run_cfg.pop("model")  # the schema's default model says nothing about this checkpoint
-    cfg = OmegaConf.merge(OmegaConf.create(EVAL_DEFAULTS), run_cfg)
-    _check_override_keys(cfg, opts)
+            schema.pop("model")  # the schema's default model says nothing about this checkpoint
+    overrides = [f"model.arch={preset}"] if preset else []
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(opts)))
-    except Exception as e:  # omegaconf raises its own error types for malformed overrides
-        raise EvalError(f"bad override {list(opts)}: {e}") from e
+        cfg = load_config(path, [*overrides, *opts], schema=schema)
+    except ConfigError as e:
+        raise EvalError(str(e)) from e
+    except Exception as e:  # omegaconf raises its own error types for malformed values
+        raise EvalError(f"bad config or override {list(opts)}: {e}") from e
+    OmegaConf.set_struct(cfg, False)  # load_backbone records the checkpoint's own model section
     return cfg, has_model
 
 
@@ -210,7 +146,7 @@ def data_stats(cfg: DictConfig, channels: int) -> tuple[tuple[float, ...], tuple
     """Normalisation from the run config's data section, falling back to FMNIST (1 ch) / ImageNet (3 ch)."""
     mean, std = _cfg_get(cfg, "data.mean"), _cfg_get(cfg, "data.std")
     if mean is None or std is None:
-        mean, std = (FMNIST_MEAN, FMNIST_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = default_stats(channels)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) == 1 and channels > 1:
         mean, std = mean * channels, std * channels
@@ -239,22 +175,6 @@ def eval_sizes(cfg: DictConfig, dataset_spec: str, patch_size: int | None) -> tu
     return int(resize), res
 
 
-def build_eval_transform(
-    resize: int, crop: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Any], torch.Tensor]:
-    """Resize shorter side -> center crop -> tensor -> normalise (the standard eval preprocessing)."""
-    from torchvision import transforms as T
-
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -264,7 +184,8 @@ def load_backbone(
     """The frozen backbone for `pretrained` (None for the pixel baseline) and the config it was built with."""
     if pretrained == PIXELS:
         return None, cfg
-    from dinolike.models import build_backbone, load_pretrained
+    from dinolike.interop import load_pretrained
+    from dinolike.models import build_backbone
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if has_model_cfg and "model" in cfg else None
     if pretrained == RANDOM:
@@ -297,14 +218,12 @@ def model_channels(model: torch.nn.Module, cfg: DictConfig) -> int:
 
 def source_fingerprint(pretrained: str, cfg: DictConfig, which: str) -> dict[str, Any]:
     """What identifies the feature extractor in the cache key."""
-    from eval.features import _path_fingerprint
-
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
     if pretrained == PIXELS:
         return {"source": PIXELS}
     if pretrained == RANDOM:
         return {"source": RANDOM, "seed": int(cfg.eval.seed), "model": model_cfg}
-    return {"source": "ckpt", "which": which, "file": _path_fingerprint(pretrained), "model": model_cfg}
+    return {"source": "ckpt", "which": which, "file": path_fingerprint(pretrained), "model": model_cfg}
 
 
 def default_cache_dir() -> str:

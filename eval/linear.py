@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eval.features import FeatureSet
+from dinolike.evaluation.features import FeatureSet
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,8 @@ def _linear_probe(
             for kind, bank in banks.items():
                 logits = bank.logits(inputs(cls_b, pm_b, kind))  # [H, B, C]
                 h = logits.shape[0]
-                loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(h)) * h
-                loss.backward()
+                ce = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(h)) * h  # sum over the H heads
+                ce.backward()
                 bank.sgd_step(lr_t * scale, momentum, weight_decay)
             step += 1
 
@@ -250,7 +250,7 @@ def _linear_probe(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_common_args
+    from .common import add_common_args
 
     p = argparse.ArgumentParser(
         prog="dinolike eval linear",
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from eval.common import EvalSetup
+    from .common import EvalSetup
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.linear
@@ -307,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import run_cli
+    from .common import run_cli
 
     return run_cli(build_parser(), run, argv)
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.features import FeatureSet
-from eval.linear import split_train_val
+from dinolike.evaluation.features import FeatureSet
+
+from .linear import split_train_val
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def logreg_features(feats: FeatureSet) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.common import add_common_args
+    from .common import add_common_args
 
     p = argparse.ArgumentParser(
         prog="dinolike eval logreg", description="Logistic regression on frozen features, sweeping C."
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from eval.common import EvalSetup
+    from .common import EvalSetup
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.logreg
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import run_cli
+    from .common import run_cli
 
     return run_cli(build_parser(), run, argv)
 

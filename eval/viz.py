@@ -86,7 +86,7 @@ def pca_figure(
 ) -> Image.Image:
     """Grid PNG: row 1 the (center-cropped) inputs, row 2 their PCA maps; each tile tile x tile pixels,
     labelled with its image's name (and the resolution the model saw) so a shared figure explains itself."""
-    from eval.common import build_eval_transform
+    from dinolike.data.normalize import build_eval_transform
 
     p = int(model.patch_size)
     tf = build_eval_transform(resolution, resolution, mean, std)
@@ -145,7 +145,7 @@ def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eval.common import EvalError, data_stats, load_backbone, model_channels, resolve_config
+    from .common import EvalError, data_stats, load_backbone, model_channels, resolve_config
 
     args = build_parser().parse_intermixed_args(argv)
     images, overrides = split_overrides(args.images)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.submit import main
+from .submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -33,6 +32,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .pids import pid_alive, pid_is, terminate
+from .slurm_conf import NODE_NAME, PARTITION, write_configs
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
 # Binaries we need, mapped to the package that provides them (to decide whether to install).
@@ -48,8 +50,6 @@ BINARIES = {
 }
 # Start order; stop goes in reverse.
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
-NODE_NAME = "localhost"
-PARTITION = "debug"
 PIDS_FILE = "pids.json"
 
 
@@ -109,14 +109,14 @@ class Cluster:
 
     def alive(self) -> dict[str, int]:
         """The daemons of this cluster whose process still runs."""
-        return {n: p for n, p in self.pids.items() if _pid_alive(p, self._children.get(p))}
+        return {n: p for n, p in self.pids.items() if pid_alive(p, self._children.get(p))}
 
     def stop(self, timeout: float = 20.0) -> dict[str, int]:
         """Cancel remaining jobs, then stop every daemon this cluster started, by pid, newest first.
 
         Returns the pids that were stopped. Raises ClusterError if one survives SIGKILL.
         """
-        if self.pids.get("slurmctld") and _pid_alive(self.pids["slurmctld"], None):
+        if self.pids.get("slurmctld") and pid_alive(self.pids["slurmctld"], None):
             self._cancel_all_jobs()
         stopped: dict[str, int] = {}
         for name in reversed(DAEMONS):
@@ -124,8 +124,8 @@ class Cluster:
             if pid is None:
                 continue
             child = self._children.get(pid)
-            if _pid_alive(pid, child) and _pid_is(pid, name):
-                _terminate(pid, child, timeout)
+            if pid_alive(pid, child) and pid_is(pid, name):
+                terminate(pid, child, timeout)
             stopped[name] = pid
         survivors = self.alive()
         if survivors:
@@ -200,45 +200,6 @@ def ensure_packages(log: Path | None = None) -> float:
 # process helpers
 
 
-def _pid_alive(pid: int, child: subprocess.Popen | None) -> bool:
-    """True while the process runs; a zombie counts as gone (it is reaped if it is our child)."""
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _pid_is(pid: int, name: str) -> bool:
-    """Guard against pid reuse: only signal a pid whose command line is the daemon we started."""
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except OSError:
-        return False
-    return Path(argv0).name == name
-
-
-def _terminate(pid: int, child: subprocess.Popen | None, timeout: float) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid, child):
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _pid_alive(pid, child):
-        time.sleep(0.1)
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -285,88 +246,6 @@ def _check_traversable(path: Path) -> None:
                 f"{parent} (mode {stat.filemode(mode)}) is not traversable by other users; the munge and "
                 f"mysql daemons could not reach {path}. Use a workdir under e.g. /tmp with o+x parents."
             )
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration
-
-
-def _memory_mb() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) // 1024
-    return 4096
-
-
-def write_configs(
-    workdir: Path, name: str, cpus: int, ports: dict[str, int], munge_socket: Path, cred_expire_s: int = 10
-) -> Path:
-    """Write slurm.conf and slurmdbd.conf under workdir/etc; returns the slurm.conf path."""
-    etc = workdir / "etc"
-    # RealMemory above the real memory drains the node; stay well below it.
-    real_mem = max(512, int(_memory_mb() * 0.8))
-    common = ["AuthType=auth/munge", f"AuthInfo=socket={munge_socket}"]
-    slurm_conf = [
-        f"ClusterName={name}",
-        f"SlurmctldHost={NODE_NAME}",
-        # cred_expire also holds a requeued job back (BeginTime = now + cred_expire + 1, default
-        # 120 s); a short one keeps the requeue tests fast.
-        f"AuthInfo=socket={munge_socket},cred_expire={cred_expire_s}",
-        common[0],
-        "CredType=cred/munge",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        f"SlurmctldPort={ports['slurmctld']}",
-        f"SlurmdPort={ports['slurmd']}",
-        f"StateSaveLocation={workdir / 'state' / 'ctld'}",
-        f"SlurmdSpoolDir={workdir / 'spool' / 'slurmd'}",
-        f"SlurmctldPidFile={workdir / 'run' / 'slurmctld.pid'}",
-        f"SlurmdPidFile={workdir / 'run' / 'slurmd.pid'}",
-        f"SlurmctldLogFile={workdir / 'log' / 'slurmctld.log'}",
-        f"SlurmdLogFile={workdir / 'log' / 'slurmd.log'}",
-        "SlurmctldDebug=info",
-        "SlurmdDebug=info",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "MpiDefault=none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU",
-        "SchedulerType=sched/builtin",
-        "SchedulerParameters=sched_interval=2",  # requeued jobs start when eligible, not a minute later
-        "SlurmdParameters=config_overrides",
-        "ReturnToService=2",
-        "JobRequeue=1",
-        "KillWait=10",
-        "MinJobAge=600",
-        "InactiveLimit=0",
-        "JobAcctGatherType=jobacct_gather/none",
-        "JobCompType=jobcomp/none",
-        "AccountingStorageType=accounting_storage/slurmdbd",
-        f"AccountingStorageHost={NODE_NAME}",
-        f"AccountingStoragePort={ports['slurmdbd']}",
-        # For slurmdbd connections slurm takes the munge socket from here, not from AuthInfo.
-        f"AccountingStoragePass={munge_socket}",
-        f"NodeName={NODE_NAME} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_mem} State=UNKNOWN",
-        f"PartitionName={PARTITION} Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP",
-    ]
-    (etc / "slurm.conf").write_text("\n".join(slurm_conf) + "\n")
-    dbd_conf = [
-        *common,
-        f"DbdHost={NODE_NAME}",
-        f"DbdPort={ports['slurmdbd']}",
-        "SlurmUser=root",
-        f"PidFile={workdir / 'run' / 'slurmdbd.pid'}",
-        f"LogFile={workdir / 'log' / 'slurmdbd.log'}",
-        "DebugLevel=info",
-        "StorageType=accounting_storage/mysql",
-        "StorageHost=localhost",
-        "StorageUser=root",
-        f"StorageLoc={name}_acct_db",
-    ]
-    dbd_path = etc / "slurmdbd.conf"
-    dbd_path.write_text("\n".join(dbd_conf) + "\n")
-    os.chmod(dbd_path, 0o600)  # slurmdbd refuses a config readable by others
-    return etc / "slurm.conf"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launch.task import EXIT_REQUEUE, LaunchTask
+from .task import EXIT_REQUEUE, LaunchTask
 
 COMMANDS = ("train", "distill", "eval", "curate")
 DEFAULT_JOB_DIR = "runs/_jobs"
@@ -143,12 +143,11 @@ def wait_for(job) -> int:
 def submit_embed_array(args: argparse.Namespace, passthrough: list[str]) -> int:
     """`curate -- embed --config X ...`: one array task per pending shard (a shard that is already
     complete is not submitted; a failed or preempted shard is picked up by the next submission)."""
-    from curation.cli import build_parser as curation_parser
-    from curation.config import load_config as curation_config
-    from curation.embed import submit_embed
+    from dinolike.commands.packages import import_command
 
-    cargs = curation_parser().parse_intermixed_args(passthrough)
-    cfg = curation_config(cargs.config, cargs.overrides)
+    cargs = import_command("curation.cli").build_parser().parse_intermixed_args(passthrough)
+    cfg = import_command("curation.config").load_config(cargs.config, cargs.overrides)
+    submit_embed = import_command("curation.embed").submit_embed
     executor = make_executor(args)
     executor.update_parameters(tasks_per_node=1, nodes=1)  # one process per shard
     jobs = submit_embed(cfg, executor)

@@ -68,8 +68,8 @@ def test_errors_share_one_prefix(tmp_path: Path) -> None:
 def test_every_option_has_help() -> None:
     from curation.cli import build_parser as curate
     from dinolike.bench import build_parser as bench
-    from dinolike.interop.export_cli import build_parser as export
-    from dinolike.train.cli import build_parser as train
+    from dinolike.commands.export import build_parser as export
+    from dinolike.commands.train import build_parser as train
     from eval.knn import build_parser as knn
     from eval.linear import build_parser as linear
     from eval.logreg import build_parser as logreg

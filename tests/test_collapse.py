@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import REPO, SMOKE
 
 from dinolike.config import load_config
 from dinolike.train import checkpoint as ck
@@ -16,8 +17,6 @@ from dinolike.train.collapse import CollapseError, CollapseWatch
 from dinolike.train.loop import train
 from dinolike.train.ssl import collapse_signals
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 K = 256
 LN_K = math.log(K)
 

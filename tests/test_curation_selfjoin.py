@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import faiss
 import numpy as np
 import pytest
+from testkit import unit
 
 from curation.config import load_config
 from curation.dedup import deduplicate
 from curation.index import _split_counts, build_index, ivf_nlist, train_centroids
 from curation.selfjoin import threshold_join, top_k_per_row
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread() -> Iterator[None]:
-    """OpenMP threads spin-wait: on the shared 2-core CI machine one thread is faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see conftest.py
 
 
 def _pool(n: int, dim: int = 32, n_centres: int = 60, seed: int = 0) -> np.ndarray:
     """Clustered unit vectors whose within-cluster cosines straddle 0.6, plus 5 % near-copies at the end."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(n_centres, dim))
-    base = _unit(centres[rng.integers(0, n_centres, n)] + 0.8 * rng.normal(size=(n, dim)))
+    base = unit(centres[rng.integers(0, n_centres, n)] + 0.8 * rng.normal(size=(n, dim)))
     src = rng.integers(0, n, n // 20)
-    return np.concatenate([base, _unit(base[src] + 0.05 * rng.normal(size=(len(src), dim)))])
+    return np.concatenate([base, unit(base[src] + 0.05 * rng.normal(size=(len(src), dim)))])
 
 
 def _brute_force_edges(x: np.ndarray, threshold: float, k: int) -> set[tuple[int, int]]:

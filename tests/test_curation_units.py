@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
+from testkit import unit
 
 from curation.config import ConfigError, load_config
 from curation.dedup import deduplicate
@@ -23,19 +22,6 @@ from curation.unionfind import connected_components
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "curation" / "fmnist_demo.yaml"
 INDEX = {"type": "flat", "flat_max_pairs": 0, "nlist": 0, "list_size": 256, "nprobe": 8, "quantizer": "auto",
          "train_per_list": 40, "train_iters": 10, "pq_m": 8, "pq_nbits": 8, "query_chunk": 97, "gpu": "auto"}
-
-
-@pytest.fixture
-def one_faiss_thread() -> Iterator[None]:
-    """OpenMP threads spin-wait: on the shared 2-core CI machine one thread trains PQ several times faster."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def test_union_find_matches_scipy() -> None:
@@ -54,10 +40,10 @@ def test_union_find_matches_scipy() -> None:
 
 def test_dedup_drops_whole_component_touching_a_reference() -> None:
     rng = np.random.default_rng(1)
-    base = _unit(rng.normal(size=(200, 64)))  # random unit vectors: pairwise cosine ~ +-0.3
-    chain = _unit(base[0] + 0.1 * np.cumsum(rng.normal(size=(3, 64)) * 0.1, axis=0))  # near-copies of row 0
-    emb = np.concatenate([base, chain, _unit(base[[5]] + 0.01)])  # rows 200-202: copies of 0; 203: copy of 5
-    refs = _unit(np.concatenate([chain[[2]] + 0.02, rng.normal(size=(10, 64))]))  # a reference copies row 202
+    base = unit(rng.normal(size=(200, 64)))  # random unit vectors: pairwise cosine ~ +-0.3
+    chain = unit(base[0] + 0.1 * np.cumsum(rng.normal(size=(3, 64)) * 0.1, axis=0))  # near-copies of row 0
+    emb = np.concatenate([base, chain, unit(base[[5]] + 0.01)])  # rows 200-202: copies of 0; 203: copy of 5
+    refs = unit(np.concatenate([chain[[2]] + 0.02, rng.normal(size=(10, 64))]))  # a reference copies row 202
     res = deduplicate(emb, refs, {"k": 8, "threshold": 0.6, "ref_threshold": 0.45}, INDEX)
     assert res.component[203] == 5 and res.keep[5] and not res.keep[203]  # copy of 5 removed, 5 kept
     assert res.leak[[0, 200, 201, 202]].all() and not res.keep[[0, 200, 201, 202]].any()  # whole group dropped
@@ -69,7 +55,7 @@ def test_dedup_drops_whole_component_touching_a_reference() -> None:
 def test_approximate_index_recall_against_flat(kind: str, min_recall: float, one_faiss_thread: None) -> None:
     rng = np.random.default_rng(2)
     centers = rng.normal(size=(50, 32))
-    xb = _unit(centers[rng.integers(0, 50, 6000)] + 0.5 * rng.normal(size=(6000, 32)))
+    xb = unit(centers[rng.integers(0, 50, 6000)] + 0.5 * rng.normal(size=(6000, 32)))
     xq = xb[:300]
     exact = search(build_index(xb, INDEX), xq, 10, chunk=1000)[1]
     cfg = {**INDEX, "type": kind, "nlist": 64, "nprobe": 16, "train_per_list": 47}

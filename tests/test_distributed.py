@@ -9,7 +9,6 @@ drop path draws from per-rank RNG, so both are off here.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import REPO, SMOKE, rows
 
 from dinolike import dist
 from dinolike.train import checkpoint as ck
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 GLOBAL_BATCH = 16
 ITERS = 4  # 2 epochs of 2 iterations; checkpoints at 2 and 4
 COMMON = (
@@ -60,10 +58,6 @@ def launch(out: Path, nproc: int, strategy: str, *extra: str) -> str:
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-6000:]
     return log
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_state(out: Path) -> dict:

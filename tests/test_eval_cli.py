@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dinolike.evaluation.knn import knn_eval
 from eval.__main__ import main as eval_main
-from eval.knn import knn_eval
 from eval.plot import NCOLS, PANEL_H_IN, PANEL_W_IN
 from eval.plot import main as plot_main
 from eval.viz import main as viz_main

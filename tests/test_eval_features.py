@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import free_port
 
-from eval.common import build_eval_transform
-from eval.features import FeatureSet, cache_key, cached_features, extract_features
+from dinolike.data.normalize import build_eval_transform
+from dinolike.evaluation.features import FeatureSet, extract_features
+from eval.feature_cache import cache_key, cached_features
 
 MEAN, STD = (0.2860,), (0.3530,)
 
@@ -93,14 +94,14 @@ def test_cache_reuses_and_invalidates(tmp_path) -> None:
 
     ckpt = tmp_path / "a.pth"
     ckpt.write_bytes(b"x")
-    from eval.features import _path_fingerprint
+    from eval.feature_cache import path_fingerprint
 
-    key = {"file": _path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
+    key = {"file": path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
     a, hit_a = cached_features(tmp_path / "c", key, compute)
     b, hit_b = cached_features(tmp_path / "c", key, compute)
     assert (hit_a, hit_b) == (False, True) and len(calls) == 1 and torch.equal(a.cls, b.cls)
     os.utime(ckpt, ns=(1, 1))  # a rewritten checkpoint must not hit the old features
-    key2 = {"file": _path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
+    key2 = {"file": path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
     assert cache_key(key2) != cache_key(key)
     _, hit_c = cached_features(tmp_path / "c", key2, compute)
     assert not hit_c and len(calls) == 2
@@ -109,12 +110,6 @@ def test_cache_reuses_and_invalidates(tmp_path) -> None:
     path.write_bytes(path.read_bytes()[:20])
     _, hit_d = cached_features(tmp_path / "c", key2, compute)
     assert not hit_d and len(calls) == 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -133,7 +128,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_distributed_shards_gather_to_the_single_process_result(tmp_path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     imgs, labels = _data(37)
     ref = _extract(_model(), _GrayDataset(imgs, labels, broken=(4,), expose=False), batch_size=8)
     for r in range(2):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.features import FeatureSet
+from dinolike.evaluation.features import FeatureSet
 from eval.linear import head_kinds, linear_probe, split_train_val
 from eval.logreg import logreg_eval
 

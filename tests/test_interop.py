@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit import SMOKE
 from torch import nn
 
+from dinolike.commands.export import main as export_main
 from dinolike.config import load_config
-from dinolike.interop.export_cli import main as export_main
 from dinolike.interop.official import (
     load_backbone_weights,
     load_teacher_checkpoint,
@@ -28,8 +29,6 @@ from dinolike.models import (
 )
 from dinolike.train.export import export_backbone
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 TOL = 1e-5  # max abs difference allowed in fp32 (the bound)
 
 

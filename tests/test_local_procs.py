@@ -7,11 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from testkit import REPO, SMOKE
+
 from dinolike.local_procs import run_local, threads_per_process
 from dinolike.train import checkpoint as ck
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 
 CHILD = """
 import os, sys, time

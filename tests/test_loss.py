@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.spatial.distance import cdist
+from testkit import free_port
 
 from dinolike.loss import (
     SoftmaxCenter,
@@ -314,12 +314,6 @@ def test_softmax_center_bad_input() -> None:
 # ----------------------------------------------------------------------------- 2 ranks (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_batch() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(123)
     logits = torch.randn(12, 10, generator=gen) * 4.0  # [N, K]
@@ -348,7 +342,7 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_distributed_matches_single_process(tmp_path: Path) -> None:
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
 

@@ -6,22 +6,20 @@ run here is a handful of iterations of a 1-2 block ViT on 64 images.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from testkit import SMOKE, rows
 
 import dinolike.train.loop as loop
+from dinolike.commands.train import main as train_cli
 from dinolike.config import load_config
-from dinolike.models import load_pretrained
+from dinolike.interop import load_pretrained
 from dinolike.train import checkpoint as ck
-from dinolike.train.cli import main as train_cli
 from dinolike.train.schedules import build_schedules
 
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 TINY = [  # smaller than the smoke recipe: 64 images, batches of 8, small heads, a log row per iteration
     "data.limit=64", "data.batch_size=8", "heads.out_dim=64", "heads.ibot_out_dim=64", "heads.hidden_dim=32",
     "heads.bottleneck_dim=16", "run.log_every=1", "run.progress=false", "optim.epoch_length=4",
@@ -45,10 +43,6 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(SMOKE, [*TINY, f"run.output_dir={out}", "optim.epochs=1", "run.checkpoint_every=4"])
     assert loop.train(cfg) == 0
     return out
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def last_ckpt(out: Path) -> dict:
@@ -164,6 +158,27 @@ def test_multi_student_exports_each_students_ema(distilled: dict) -> None:
     saved = load_config(out / "config.yaml")
     assert saved.heads.out_dim == saved.heads.ibot_out_dim == 64 and saved.distill.teacher
     assert all(s["dino_head"].last_layer.weight_v.shape[0] == 64 for s in method.students)
+
+
+def test_bench_times_the_loops_step_and_clips_per_student(pretrained: Path, monkeypatch) -> None:
+    """`dinolike bench` runs the loop's train_step: distillation is clipped per student there too."""
+    from dinolike.bench import run_bench
+
+    clipped: list[int] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def record(params, *args, **kwargs):
+        clipped.append(len(list(params)))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    cfg = load_config(SMOKE, [*TINY, f"distill.teacher={pretrained}", "model.depth=1",
+                              "distill.students=[{depth: 2}]"])
+    res = run_bench(cfg, iters=1, warmup=0, synthetic=True)
+    assert set(res["breakdown_ms"]) == {"data", "teacher_forward", "student_forward_and_losses", "backward",
+                                        "optimizer", "ema"}
+    method = loop.build_method(cfg)
+    assert clipped == [len(g) for g in method.grad_clip_groups()] and len(clipped) == 2
 
 
 def test_distillation_resumes_bit_exact(pretrained: Path, tmp_path: Path) -> None:

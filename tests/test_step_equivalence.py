@@ -22,6 +22,7 @@ from dinolike.loss.centering import _sinkhorn_by_scaling
 from dinolike.train.data import build_train_loader
 from dinolike.train.optim import build_optimizer
 from dinolike.train.ssl import SSLMethod, compile_step_modules
+from dinolike.train.step import train_step
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
 OVERRIDES = [
@@ -132,15 +133,8 @@ def ref_step(method: SSLMethod, opt: torch.optim.Optimizer, batch: dict, s: dict
 
 
 def fast_step(method: SSLMethod, opt: torch.optim.Optimizer, batch: dict, s: dict) -> dict:
-    """The loop body of dinolike.train.loop.train (and of dinolike bench), line for line."""
-    loss, metrics = method.forward_loss(batch, s)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, method.cfg.optim.clip_grad, foreach=True)
-    _schedule(opt, s)
-    opt.step()
-    method.after_step(s)
+    """The step the loop runs (and dinolike bench times): dinolike.train.step.train_step itself."""
+    metrics = train_step(method, opt, batch, s, torch.device("cpu"), method.grad_clip_groups())
     return {k: v.detach() for k, v in metrics.items()}
 
 

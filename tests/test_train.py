@@ -1,6 +1,5 @@
 """End to end: the training loop on real Fashion-MNIST images, resume (exact), NaN guard, bad images."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from testkit import REPO, SMOKE, rows
 
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.train import checkpoint as ck
 from dinolike.train.loop import NonFiniteLossError, train
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.Popen:
@@ -27,10 +24,6 @@ def run_cli(out: Path, *overrides: str) -> subprocess.Popen:
            f"run.output_dir={out}", *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def teacher_state(out: Path) -> dict[str, torch.Tensor]:
@@ -73,7 +66,7 @@ def test_sigkill_then_resume_is_bit_exact_and_loss_goes_down(tmp_path: Path) -> 
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.05, losses
     assert (ref / "teacher_backbone.pth").is_file() and (ref / "config.yaml").is_file()
     # the exported backbone loads strictly into a fresh model and is the teacher's backbone
-    from dinolike.models import load_pretrained
+    from dinolike.interop import load_pretrained
 
     model, _ = load_pretrained(ref / "teacher_backbone.pth")
     for k, v in model.state_dict().items():

@@ -22,19 +22,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = [
-    "MultiCropAugmentation",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "FMNIST_MEAN",
-    "FMNIST_STD",
-    "blur_kernel_size",
-]
+from .normalize import default_stats
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FMNIST_MEAN = (0.2860,)  # Fashion-MNIST train-set pixel statistics, in [0, 1] units
-FMNIST_STD = (0.3530,)
+__all__ = ["MultiCropAugmentation", "blur_kernel_size"]
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as used by PIL's convert("L")
 _SOLARIZE_THRESHOLD = 128 / 255  # PIL ImageOps.solarize default
@@ -232,8 +222,9 @@ class MultiCropAugmentation:
                 raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
         if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
             raise ValueError(f"crop_ratio (width / height) must satisfy 0 < lo <= hi, got {tuple(crop_ratio)}")
-        mean = mean if mean is not None else (FMNIST_MEAN if channels == 1 else IMAGENET_MEAN)
-        std = std if std is not None else (FMNIST_STD if channels == 1 else IMAGENET_STD)
+        default_mean, default_std = default_stats(channels)
+        mean = mean if mean is not None else default_mean
+        std = std if std is not None else default_std
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"mean/std need {channels} values, got {len(mean)} and {len(std)}")
         self.global_crops_size = int(global_crops_size)

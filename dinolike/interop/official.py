@@ -25,6 +25,7 @@ from dinolike.interop.common import (
     resize_pos_embed,
     square_grid,
 )
+from dinolike.models import VisionTransformer, build_backbone
 from dinolike.models.load import (
     CheckpointMismatchError,
     backbone_state_and_cfg,
@@ -111,6 +112,24 @@ def read_backbone_with_cfg(
     if cfg is None:
         cfg = official_backbone_cfg(state)
     return state, cfg
+
+
+def load_pretrained(
+    path: str | Path, model_cfg: Mapping[str, Any] | None = None, which: str = "teacher"
+) -> tuple[VisionTransformer, dict[str, Any]]:
+    """(model, model config) from a checkpoint; strict: a mismatch lists the offending keys.
+
+    The config comes from (in order): the checkpoint itself (training checkpoints), `model_cfg`, a
+    `.json` sidecar written by `dinolike export`, or the tensor shapes (official hub files).
+    """
+    state, cfg = read_backbone(path, which)
+    if model_cfg is not None and cfg is None:
+        cfg = dict(model_cfg)
+    if cfg is None:
+        cfg = {**official_backbone_cfg(state), "arch": "custom"}
+    model = build_backbone(cfg, drop_path=False)
+    load_state_strict(model, state, what=f"backbone in {path}")
+    return model.eval(), dict(cfg)
 
 
 def fit_pos_embed(backbone: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:

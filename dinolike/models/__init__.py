@@ -1,9 +1,8 @@
-"""Model construction from the `model:` config section, and strict loading of pretrained backbones."""
+"""Model construction from the `model:` config section (reading files of any format is `dinolike.interop`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from dinolike.models.heads import DINOHead
@@ -33,26 +32,6 @@ def build_backbone(model_cfg: Mapping[str, Any], drop_path: bool = True) -> Visi
     return vit_from_preset(arch, **kwargs)
 
 
-def load_pretrained(
-    path: str | Path, model_cfg: Mapping[str, Any] | None = None, which: str = "teacher"
-) -> tuple[VisionTransformer, dict[str, Any]]:
-    """(model, model config) from a checkpoint; strict: a mismatch lists the offending keys.
-
-    The config comes from (in order): the checkpoint itself (training checkpoints), `model_cfg`, a
-    `.json` sidecar written by `dinolike export`, or the tensor shapes (official hub files).
-    """
-    from dinolike.interop.official import official_backbone_cfg, read_backbone  # also HF / timm dirs
-
-    state, cfg = read_backbone(path, which)
-    if model_cfg is not None and cfg is None:
-        cfg = dict(model_cfg)
-    if cfg is None:
-        cfg = {**official_backbone_cfg(state), "arch": "custom"}
-    model = build_backbone(cfg, drop_path=False)
-    load_state_strict(model, state, what=f"backbone in {path}")
-    return model.eval(), dict(cfg)
-
-
 __all__ = [
     "PRESETS",
     "CheckpointMismatchError",
@@ -60,7 +39,6 @@ __all__ = [
     "VisionTransformer",
     "build_backbone",
     "infer_backbone_cfg",
-    "load_pretrained",
     "load_state_strict",
     "vit_from_preset",
 ]

@@ -62,6 +62,19 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """A checkpoint file, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
+    p = Path(path)
+    if p.is_dir():
+        found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
+        if not found:
+            raise FileNotFoundError(f"{what}: no checkpoint (ckpt_*.pt) in {p} or {p / 'checkpoints'}")
+        return found[-1]
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: checkpoint not found: {p}")
+    return p
+
+
 def save_checkpoint(ckpt_dir: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
     path = checkpoint_path(ckpt_dir, iteration)
     atomic_save(state, path)

@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dinolike.models import CheckpointMismatchError, load_state_strict
-from dinolike.train.checkpoint import load_checkpoint
-from dinolike.train.method import Method
+from dinolike.train.checkpoint import load_checkpoint, resolve_checkpoint
+from dinolike.train.method import Method, Phase, untimed
 from dinolike.train.optim import param_groups
-from dinolike.train.ssl import SSLMethod, SSLTargets, build_student, ssl_loss_terms
+from dinolike.train.ssl import SSLTargets, build_student, ssl_loss_terms, teacher_targets
 
 
 def _teacher_config(path: str | Path) -> tuple[DictConfig, dict, Path]:
@@ -30,8 +30,6 @@ def _teacher_config(path: str | Path) -> tuple[DictConfig, dict, Path]:
     `path` may be a checkpoint file or a run directory (its newest checkpoint). Only pretraining
     checkpoints hold a `teacher`: a distillation checkpoint is refused with a message that says so.
     """
-    from dinolike.train.loop import resolve_checkpoint
-
     src = resolve_checkpoint(path, what="distill.teacher")
     ckpt = load_checkpoint(src)
     if "teacher" not in ckpt["model"]:
@@ -119,21 +117,24 @@ class DistillMethod(Method):
             "masks_weight": torch.full((masks.numel(),), 1.0 / n, device=masks.device),  # [2B * N]
         }
 
-    def forward_loss(self, batch: dict, sched: dict[str, float]) -> tuple[Tensor, dict]:
+    def forward_loss(self, batch: dict, sched: dict[str, float], phase: Phase = untimed) -> tuple[Tensor, dict]:
         """Sum over students of each one's DINO + iBOT + KoLeo loss against the same teacher targets.
 
         The students share no parameters, so the gradient of the sum is each student's own gradient.
         """
         if self.cfg.masking.probability == 0:
             batch = self._all_patch_batch(batch)
-        t_out = SSLMethod.teacher_targets(self, self.teacher, batch, sched["teacher_temp"])  # one pass
-        total, metrics = 0.0, {}
-        for i, s in enumerate(self.students):
-            s.train()
-            loss, m = ssl_loss_terms(self.cfg, s, t_out, batch)
-            total = total + loss
-            prefix = "" if i == 0 else f"student{i}_"
-            metrics.update({prefix + k: v for k, v in m.items()})
+        with phase("teacher_forward"):  # one teacher pass for every student
+            t_out = teacher_targets(self.teacher, self.targets, batch, sched["teacher_temp"],
+                                    self.cfg.loss.ibot_weight > 0)
+        with phase("student_forward_and_losses"):
+            total, metrics = 0.0, {}
+            for i, s in enumerate(self.students):
+                s.train()
+                loss, m = ssl_loss_terms(self.cfg, s, t_out, batch)
+                total = total + loss
+                prefix = "" if i == 0 else f"student{i}_"
+                metrics.update({prefix + k: v for k, v in m.items()})
         metrics["loss"] = total
         return total, metrics
 

@@ -1,12 +1,12 @@
 """The one training loop: pretraining, the high-res phase and distillation all run through `train()`.
 
 Reading order: `train` builds the method (ssl.py or distill.py), optimizer, schedules and data, resumes,
-then each iteration is `forward_loss -> backward -> clip -> step -> after_step (EMA)`.
+then each iteration runs `train_step` (step.py): `forward_loss -> backward -> clip -> step -> after_step (EMA)`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,9 +25,11 @@ from dinolike.train import checkpoint as ck
 from dinolike.train.collapse import CollapseWatch
 from dinolike.train.data import build_train_loader
 from dinolike.train.export import export_backbone
-from dinolike.train.optim import apply_schedule, build_optimizer
+from dinolike.train.method import Method
+from dinolike.train.optim import build_optimizer
 from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.train.schedules import build_schedules
+from dinolike.train.step import train_step
 from dinolike.train.tracking import Tracker, print_outputs
 
 log = logging.getLogger("dinolike.train")
@@ -37,7 +39,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the iteration and the loss term."""
 
 
-def build_method(cfg: DictConfig) -> nn.Module:
+def build_method(cfg: DictConfig) -> Method:
     if cfg.distill.teacher:
         from dinolike.train.distill import DistillMethod
 
@@ -108,19 +110,6 @@ def _restore_rng(ckpt: dict, env: dist.DistEnv, seed: int, it: int) -> None:
         torch.manual_seed(seed + env.rank + 1_000_003 * it)
 
 
-def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
-    """A checkpoint file, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
-    p = Path(path)
-    if p.is_dir():
-        found = ck.list_checkpoints(p / "checkpoints") or ck.list_checkpoints(p)
-        if not found:
-            raise FileNotFoundError(f"{what}: no checkpoint (ckpt_*.pt) in {p} or {p / 'checkpoints'}")
-        return found[-1]
-    if not p.is_file():
-        raise FileNotFoundError(f"{what}: checkpoint not found: {p}")
-    return p
-
-
 def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, source: Path) -> None:
     from dinolike.models.load import check_state
 
@@ -136,12 +125,6 @@ def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, s
             fsdp.load_optim_state(method.student, opt, ckpt["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointMismatchError(f"optimizer state in {source} does not fit this model: {e}") from None
-
-
-def _autocast(device: torch.device, cfg: DictConfig):
-    if device.type == "cuda" and cfg.dist.mixed_precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are ~100x slower on CPUs without bf16
 
 
 def train(cfg: DictConfig) -> int:
@@ -175,7 +158,7 @@ def train(cfg: DictConfig) -> int:
         _restore_rng(ckpt, env, cfg.run.seed, start)
         log.info("resumed from %s at iteration %d", resume_from[0], start)
     elif cfg.run.init_from:
-        src = resolve_checkpoint(cfg.run.init_from, what="run.init_from")
+        src = ck.resolve_checkpoint(cfg.run.init_from, what="run.init_from")
         ckpt = ck.load_checkpoint(src)
         _restore(method, opt, ckpt, src)
         start = ckpt["iteration"]  # the schedules continue where the previous phase stopped
@@ -198,8 +181,7 @@ def train(cfg: DictConfig) -> int:
     window: dict[str, float] = {}
     n_window, skipped, t_window, imgs_window = 0, 0, time.perf_counter(), 0
     it = start
-    params = [p for g in opt.param_groups for p in g["params"]]
-    clip_groups = getattr(method, "grad_clip_groups", lambda: [params])()  # distillation: per student
+    clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
     last_ckpt = ck.list_checkpoints(ckpt_dir)[-1:] or None
     try:
@@ -215,19 +197,10 @@ def train(cfg: DictConfig) -> int:
                 continue
             batch = method.to_device(batch, env.device)
             s = sched.at(it)
-            apply_schedule(opt, s["lr"], s["last_layer_lr"], s["wd"])
-            with _autocast(env.device, cfg):
-                loss, metrics = method.forward_loss(batch, s)
-            if env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0:
-                _check_finite(it, metrics)  # a sync (over ranks too): every step on CPU, at log time on GPU
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            method.sync_gradients()
-            if cfg.optim.clip_grad > 0:
-                for group in clip_groups:
-                    torch.nn.utils.clip_grad_norm_(group, cfg.optim.clip_grad, foreach=True)
-            opt.step()
-            method.after_step(s)
+            # the finite check is a sync (over ranks too): every step on CPU, at log time on GPU
+            check = env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0
+            metrics = train_step(method, opt, batch, s, env.device, clip_groups,
+                                 check=functools.partial(_check_finite, it) if check else None)
             it += 1
             n_window += 1
             imgs_window += batch["batch_size"]
@@ -301,7 +274,7 @@ def _export(method: nn.Module, cfg: DictConfig, out: Path, env: dist.DistEnv) ->
     """Every rank calls (under FSDP the full tensors are gathered to rank 0); rank 0 writes plain,
     unsharded state dicts, and the others wait so that nothing reads the file before it exists."""
     backbones = {"teacher": (method.kept_backbone(), cfg.model)}
-    backbones.update(getattr(method, "extra_backbones", dict)())
+    backbones.update(method.extra_backbones())
     for name, (backbone, model_cfg) in backbones.items():
         plain = method.plain_backbone(backbone, model_cfg, torch.device("cpu"), rank0_only=True)
         if env.is_main:

@@ -1,8 +1,15 @@
-"""What the training loop needs from a method, and the parts every method shares."""
+"""What the training loop needs from a method, and the parts every method shares.
+
+The contract is explicit: every hook the loop, the step or the bench calls is defined here, with the
+default a method gets when it has nothing special to do (one gradient-clip group, no extra backbones).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from omegaconf import DictConfig
@@ -12,18 +19,31 @@ from dinolike import dist
 
 log = logging.getLogger("dinolike.train")
 
+# A phase of the step by name -> a context that times it: the bench passes timers, training passes `untimed`.
+Phase = Callable[[str], AbstractContextManager]
+
+
+def untimed(name: str) -> AbstractContextManager:
+    """The phase context of an untimed step: nothing happens around the phase."""
+    return contextlib.nullcontext()
+
 
 class Method(nn.Module):
-    """Subclasses set `self.student` (trained) and implement `forward_loss`, `after_step`,
-    `kept_backbone` and `checkpointed_parts`."""
+    """Subclasses set `self.cfg` and `self.student` (trained) and implement `param_groups`,
+    `forward_loss`, `after_step`, `kept_backbone`, `sharded_parts` and `checkpointed_parts`."""
 
     cfg: DictConfig
     student: nn.Module
+    strategy: str = "none"  # none | ddp | fsdp, set by prepare_distributed
+    _grad_all_reduce: bool = False  # DDP: average gradients over ranks after backward
 
     def param_groups(self) -> list[dict]:
         raise NotImplementedError
 
-    def forward_loss(self, batch: dict, sched: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward_loss(self, batch: dict, sched: dict[str, float],
+                     phase: Phase = untimed) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, metrics) of one batch; the teacher and the student part each run inside `phase(...)`
+        ("teacher_forward", "student_forward_and_losses"), so the bench can time them apart."""
         raise NotImplementedError
 
     def after_step(self, sched: dict[str, float]) -> None:
@@ -34,6 +54,15 @@ class Method(nn.Module):
 
     def checkpointed_parts(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def grad_clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped separately. Default: one group, every
+        parameter the optimizer steps, in its order."""
+        return [[p for g in self.param_groups() for p in g["params"]]]
+
+    def extra_backbones(self) -> dict[str, tuple[nn.Module, DictConfig]]:
+        """Backbones exported next to the kept one, as `{name}_backbone.pth`: name -> (module, model config)."""
+        return {}
 
     # ---- shared -------------------------------------------------------------------------------
     def sharded_parts(self) -> list[nn.ModuleDict]:
@@ -74,10 +103,10 @@ class Method(nn.Module):
     def sync_gradients(self) -> None:
         """After backward. DDP mode: average gradients over ranks. FSDP mode: gradients are already
         reduce-scattered; reshard what forward left gathered (teacher), before the step and the EMA."""
-        if getattr(self, "_grad_all_reduce", False):
+        if self._grad_all_reduce:
             grads = [p.grad for p in self.student.parameters() if p.grad is not None]
             dist.all_reduce_mean_(grads)
-        if getattr(self, "strategy", "none") == "fsdp":
+        if self.strategy == "fsdp":
             from dinolike import fsdp
 
             for part in self.sharded_parts():

@@ -1,10 +1,9 @@
-"""kNN during training (every `eval.knn_every` iterations, on small sets) and after it (full sets)."""
+"""kNN during training, every `eval.knn_every` iterations on small sets (the full kNN after the run is the
+`eval knn` command, which `dinolike train` runs when `eval.final_knn` is set)."""
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 from omegaconf import DictConfig
 from torch import nn
@@ -21,9 +20,9 @@ def _dataset(spec: str, channels: int, limit: int | None):
 
 def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dict[str, float]:
     """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token; runs on every rank (sharded)."""
-    from eval.common import build_eval_transform
-    from eval.features import extract_features
-    from eval.knn import knn_eval
+    from dinolike.data.normalize import build_eval_transform
+    from dinolike.evaluation.features import extract_features
+    from dinolike.evaluation.knn import knn_eval
 
     e, d = cfg.eval, cfg.data
     size = cfg.crops.global_size
@@ -41,18 +40,3 @@ def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dic
     train, val = sets
     res = knn_eval(train.knn_features(), train.labels, val.knn_features(), val.labels, ks=(20,))
     return {"knn_top1": res["k20_top1"]}
-
-
-def final_knn(cfg: DictConfig) -> int:
-    """The full kNN evaluation of the exported teacher, printed as a table at the end of the run."""
-    from eval.knn import main as knn_main
-
-    out = Path(cfg.run.output_dir)
-    print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
-    return knn_main([
-        "--pretrained", str(out / "teacher_backbone.pth"),
-        "--config", str(out / "config.yaml"),
-        "--train-dataset", cfg.eval.final_train,
-        "--val-dataset", cfg.eval.final_val,
-        "--output-dir", str(out / "eval_knn"),
-    ])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from dinolike.loss import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from dinolike.models import DINOHead, VisionTransformer, build_backbone
-from dinolike.train.method import Method
+from dinolike.train.method import Method, Phase, untimed
 from dinolike.train.optim import param_groups
 
 
@@ -78,6 +78,35 @@ class SSLTargets(nn.Module):
         return probs
 
 
+def head_logits(parts: nn.ModuleDict, cls: Tensor, patches: Tensor,
+                use_ibot: bool) -> tuple[Tensor, Tensor | None]:
+    """The heads of a student or teacher over CLS tokens [N, D] and masked patch tokens [M, D].
+
+    Tied iBOT head: one DINO-head call over every token that needs it (one launch instead of two);
+    untied: each head on its tokens. Returns (cls logits [N, K], patch logits [M, K] or None).
+    """
+    if use_ibot and "ibot_head" not in parts:
+        logits = parts["dino_head"](torch.cat([cls, patches]))  # [N + M, K]
+        return logits[: cls.shape[0]], logits[cls.shape[0] :]
+    return parts["dino_head"](cls), parts["ibot_head"](patches) if use_ibot else None
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.ModuleDict, targets: SSLTargets, batch: dict, temp: float,
+                    use_ibot: bool) -> dict[str, Tensor]:
+    """Target distributions of the teacher's global crops: `dino` [2B, K] and, with iBOT, `ibot` [M, K]
+    at the masked patches. Shared by pretraining (EMA teacher) and distillation (frozen teacher)."""
+    teacher.eval()
+    out = teacher["backbone"].forward_features(batch["global_crops_teacher"])
+    cls = out["x_norm_clstoken"]  # [2B, D]
+    patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
+    cls_logits, patch_logits = head_logits(teacher, cls, patches, use_ibot)
+    result = {"dino": targets.dino(cls_logits.float(), temp)}
+    if use_ibot:
+        result["ibot"] = targets.ibot(patch_logits.float(), temp)
+    return result
+
+
 def ssl_loss_terms(
     cfg: DictConfig,
     student: nn.ModuleDict,
@@ -100,12 +129,7 @@ def ssl_loss_terms(
     cls = torch.cat([g_cls] + ([outs[1]["x_norm_clstoken"]] if n_local else []))  # [(2 + n_local) B, D]
     patches = outs[0]["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
     use_ibot = lc.ibot_weight > 0
-    if use_ibot and "ibot_head" not in student:  # tied head: one head call over every token that needs it
-        logits = student["dino_head"](torch.cat([cls, patches]))
-        cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-    else:
-        cls_logits = student["dino_head"](cls)  # [(2 + n_local) B, K]
-        patch_logits = student["ibot_head"](patches) if use_ibot else None
+    cls_logits, patch_logits = head_logits(student, cls, patches, use_ibot)  # [(2 + n_local) B, K], [M, K]
     K = cls_logits.shape[-1]
     t_dino = teacher_out["dino"].view(2, B, -1)  # [2, B, K]
     metrics: dict[str, Tensor] = {}
@@ -175,28 +199,13 @@ class SSLMethod(Method):
         return param_groups(self.student, self.student["backbone"].n_blocks, o.layerwise_decay,
                             o.patch_embed_lr_mult)
 
-    @torch.no_grad()
-    def teacher_targets(self, teacher: nn.ModuleDict, batch: dict, temp: float) -> dict[str, Tensor]:
-        teacher.eval()
-        out = teacher["backbone"].forward_features(batch["global_crops_teacher"])
-        cls = out["x_norm_clstoken"]  # [2B, D]
-        patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
-        use_ibot = self.cfg.loss.ibot_weight > 0
-        if use_ibot and "ibot_head" not in teacher:
-            logits = teacher["dino_head"](torch.cat([cls, patches]))
-            cls_logits, patch_logits = logits[: cls.shape[0]], logits[cls.shape[0] :]
-        else:
-            cls_logits = teacher["dino_head"](cls)
-            patch_logits = teacher["ibot_head"](patches) if use_ibot else None
-        targets = {"dino": self.targets.dino(cls_logits.float(), temp)}
-        if use_ibot:
-            targets["ibot"] = self.targets.ibot(patch_logits.float(), temp)
-        return targets
-
-    def forward_loss(self, batch: dict, sched: dict[str, float]) -> tuple[Tensor, dict]:
+    def forward_loss(self, batch: dict, sched: dict[str, float], phase: Phase = untimed) -> tuple[Tensor, dict]:
         self.student.train()
-        t_out = self.teacher_targets(self.teacher, batch, sched["teacher_temp"])
-        return ssl_loss_terms(self.cfg, self.student, t_out, batch)
+        with phase("teacher_forward"):
+            t_out = teacher_targets(self.teacher, self.targets, batch, sched["teacher_temp"],
+                                    self.cfg.loss.ibot_weight > 0)
+        with phase("student_forward_and_losses"):
+            return ssl_loss_terms(self.cfg, self.student, t_out, batch)
 
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:

@@ -1,19 +1,15 @@
-"""Frozen-feature extraction shared by every eval protocol, with an on-disk cache.
+"""Frozen-feature extraction: what training's periodic kNN and every eval protocol run the backbone with.
 
 One forward pass stores everything the protocols need (CLS tokens of the last few blocks and the
 average-pooled patch tokens of the last block), so kNN, the linear probe and logistic regression can
-all reuse the same cached file instead of re-running the backbone.
+all reuse the same features (the eval commands cache them on disk: `eval/feature_cache.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +19,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
-
-# bump when the stored content or its meaning changes, so stale caches are never reused
-FEATURE_FORMAT_VERSION = 1
-
 
 class FeatureError(RuntimeError):
     """Extraction cannot produce features (e.g. no image of the dataset decodes); shown without traceback."""
@@ -292,55 +284,3 @@ def extract_features(
     if skipped:
         log.warning("%s: skipped %d undecodable items of %d", desc, skipped, n_total)
     return FeatureSet(parts["cls"], parts.get("patch_mean"), parts["labels"], skipped)
-
-
-# ------------------------------------------------------------------------------------------------ cache
-
-
-def _path_fingerprint(path: str) -> dict[str, Any]:
-    """Identity of a file on disk: a changed checkpoint (mtime or size) must never hit an old cache."""
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
-
-
-def dataset_fingerprint(spec: str) -> dict[str, Any]:
-    """The dataset spec plus, when it names a path, that path's fingerprint (folders change too)."""
-    fp: dict[str, Any] = {"spec": spec}
-    _, _, rest = spec.partition(":")
-    if rest and os.path.exists(rest):
-        fp["file"] = _path_fingerprint(rest)
-    return fp
-
-
-def cache_key(parts: Mapping[str, Any]) -> str:
-    """Stable hash of everything that determines the features."""
-    blob = json.dumps({"v": FEATURE_FORMAT_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def cached_features(
-    cache_dir: str | Path | None, key_parts: Mapping[str, Any], compute: Callable[[], FeatureSet]
-) -> tuple[FeatureSet, bool]:
-    """Load features from cache_dir/<key>.pt or compute and store them. Returns (features, was_cached).
-
-    Only rank 0 writes (atomically, via rename); a corrupt cache file is recomputed, not trusted.
-    """
-    if cache_dir is None:
-        return compute(), False
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"{cache_key(key_parts)}.pt"
-    if path.exists():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return FeatureSet.from_dict(data["features"]), True
-        except (OSError, RuntimeError, KeyError, EOFError) as e:
-            log.warning("ignoring unreadable feature cache %s (%s); recomputing", path, e)
-    feats = compute()
-    rank, _ = dist_info()
-    if rank == 0:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        meta = json.loads(json.dumps(dict(key_parts), default=str))
-        torch.save({"features": feats.to_dict(), "meta": meta}, tmp)
-        os.replace(tmp, path)
-    return feats, False

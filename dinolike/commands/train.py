@@ -6,6 +6,9 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
 
 from dinolike.config import ConfigError, load_config
 from dinolike.dist import launcher
@@ -51,8 +54,6 @@ def main(argv: list[str]) -> int:
         print(f"dinolike {command}: error: dist.local_processes must be >= 1, got {n_local}",
               file=sys.stderr)
         return 2
-    from dinolike.train.periodic_eval import final_knn
-
     local_child = os.environ.get(CHILD_ENV) == "1"
     if n_local > 1 and launcher() == "single":
         status = run_local(argv, n_local)
@@ -79,3 +80,19 @@ def main(argv: list[str]) -> int:
     if status == 0 and cfg.eval.final_knn and not local_child:
         final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
+
+
+def final_knn(cfg: DictConfig) -> int:
+    """The full kNN evaluation of the exported teacher, printed as a table at the end of the run."""
+    from dinolike.commands.packages import import_command
+
+    knn_main = import_command("eval.knn").main
+    out = Path(cfg.run.output_dir)
+    print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
+    return knn_main([
+        "--pretrained", str(out / "teacher_backbone.pth"),
+        "--config", str(out / "config.yaml"),
+        "--train-dataset", cfg.eval.final_train,
+        "--val-dataset", cfg.eval.final_val,
+        "--output-dir", str(out / "eval_knn"),
+    ])

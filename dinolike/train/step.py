@@ -1,0 +1,65 @@
+"""The one training step: what the loop runs every iteration and `dinolike bench` times.
+
+schedule -> forward (loss, metrics) -> [finite check] -> backward (+ gradient sync) -> clip -> optimizer
+step -> after_step (EMA). A second copy of this sequence drifts (the bench's once clipped every gradient
+as one group while the loop clipped per student), so there is none: the bench passes timers as `phase`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from dinolike.train.method import Method, Phase, untimed
+from dinolike.train.optim import apply_schedule
+
+
+def autocast(device: torch.device, cfg: DictConfig) -> AbstractContextManager:
+    """bf16 autocast on CUDA when `dist.mixed_precision` asks for it; fp32 elsewhere."""
+    if device.type == "cuda" and cfg.dist.mixed_precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # fp32 on CPU: bf16 matmuls are ~100x slower on CPUs without bf16
+
+
+def train_step(
+    method: Method,
+    opt: torch.optim.Optimizer,
+    batch: dict,
+    sched: dict[str, float],
+    device: torch.device,
+    clip_groups: list[list[nn.Parameter]],
+    check: Callable[[dict[str, Tensor]], None] | None = None,
+    phase: Phase = untimed,
+) -> dict[str, Tensor]:
+    """One optimisation step on a batch already on `device`; returns the metrics of its forward pass.
+
+    sched: this iteration's schedule values (lr, last_layer_lr, wd, momentum, teacher_temp).
+    clip_groups: `method.grad_clip_groups()`, computed once by the caller; each group's gradient norm is
+    clipped to `optim.clip_grad` on its own (distillation: one group per student).
+    check: called with the metrics before backward (the loop's NaN / inf check), or None.
+    phase: name -> context around each phase ("teacher_forward", "student_forward_and_losses",
+    "backward", "optimizer", "ema"); the bench times them, training leaves them untimed.
+    """
+    cfg = method.cfg
+    apply_schedule(opt, sched["lr"], sched["last_layer_lr"], sched["wd"])
+    with autocast(device, cfg):
+        loss, metrics = method.forward_loss(batch, sched, phase)
+    if check is not None:
+        check(metrics)
+    with phase("backward"):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        method.sync_gradients()  # DDP all-reduce / FSDP reshard, before the clip sees the gradients
+    with phase("optimizer"):
+        if cfg.optim.clip_grad > 0:
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, cfg.optim.clip_grad, foreach=True)
+        opt.step()
+    with phase("ema"):
+        method.after_step(sched)
+    return metrics
