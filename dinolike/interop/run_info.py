@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+from dinolike.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def preprocessing(run_cfg: dict[str, Any] | None, model_cfg: dict[str, Any]) -> 
         if len(mean) == 1 and channels > 1:
             mean, std = mean * channels, std * channels
     elif channels == 3:
-        mean, std = IMAGENET_MEAN_STD
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         mean, std = (0.5,) * channels, (0.5,) * channels
     crop = int(crops.get("global_size") or model_cfg["img_size"])
