@@ -105,7 +105,7 @@ def test_a_run_made_to_collapse_stops_with_a_clear_error_and_keeps_the_good_chec
                        text=True, timeout=300)
     assert p.returncode == 1, p.stderr
     err = p.stderr.strip().splitlines()[-1]
-    assert err.startswith("dinolike train: training collapsed at iteration 15 and stayed collapsed to "
+    assert err.startswith("dinolike train: error: training collapsed at iteration 15 and stayed collapsed to "
                           "iteration 35: uniform outputs"), err
     assert "Traceback" not in p.stderr
     # the periodic checkpoints of iterations 20 and 30 were held back: the newest is from before the onset
