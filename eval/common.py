@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dinolike.config import ConfigError, check_type
 from eval.features import (
     FeatureError,
     FeatureSet,
@@ -156,6 +157,14 @@ def _check_override_keys(cfg: DictConfig, opts: Sequence[str]) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise EvalError(f"unknown config key '{key}' on the command line{hint}")
+        try:  # a number stays a number: `eval.knn.temperature=abc` fails now, not after feature extraction
+            value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+        except Exception as e:  # noqa: BLE001 - omegaconf raises its own error types for malformed values
+            raise EvalError(f"bad override {o!r}: {e}") from None
+        try:
+            check_type(key, OmegaConf.select(cfg, key), value, "the command line")
+        except ConfigError as e:
+            raise EvalError(str(e)) from None
 
 
 def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> tuple[DictConfig, bool]:
@@ -165,7 +174,7 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     the config.yaml of the run the checkpoint lives in. Without either, a checkpoint's architecture comes
     from the checkpoint itself (has_model_config False), and the pixel baseline needs no model at all.
     """
-    from dinolike.config import ConfigError, load_config
+    from dinolike.config import load_config
 
     path, preset = None, None
     if config is not None:
@@ -198,6 +207,21 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     except Exception as e:  # omegaconf raises its own error types for malformed overrides
         raise EvalError(f"bad override {list(opts)}: {e}") from e
     return cfg, has_model
+
+
+def check_args(args: argparse.Namespace) -> tuple[DictConfig, bool]:
+    """Everything checkable before a model or an image is loaded (the config and its overrides, the
+    dataset specs' syntax), so a typo fails at once and not after the train features were extracted.
+    Returns resolve_config's (config, has_model_config)."""
+    from dinolike.data.datasets import parse_spec
+
+    resolved = resolve_config(args.pretrained, args.config, args.opts)
+    for flag, spec in (("--train-dataset", args.train_dataset), ("--val-dataset", args.val_dataset)):
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            raise EvalError(f"{flag}: {e}") from None
+    return resolved
 
 
 def _cfg_get(cfg: DictConfig, dotted: str, default: Any = None) -> Any:
@@ -363,7 +387,7 @@ class EvalSetup:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalSetup:
-        cfg, has_model = resolve_config(args.pretrained, args.config, args.opts)
+        cfg, has_model = check_args(args)
         model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
         return cls(args, cfg, model)
 

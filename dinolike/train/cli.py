@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from omegaconf import DictConfig
+
 from dinolike.config import ConfigError, load_config
 from dinolike.dist import launcher
 from dinolike.local_procs import CHILD_ENV, run_local
@@ -22,45 +24,50 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     return command, p.parse_intermixed_args(argv[1:])
 
 
-def main(argv: list[str]) -> int:
+def validate(argv: list[str]) -> DictConfig:
+    """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
+    runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
+    from dinolike.train.validate import check_train_config
+
     command, args = parse(argv)
     overrides = list(args.overrides)
-    if command == "distill":
-        if args.teacher:
-            overrides.append(f"distill.teacher={args.teacher}")
+    if command == "distill" and args.teacher:
+        overrides.append(f"distill.teacher={args.teacher}")
+    cfg = load_config(args.config, overrides)
+    if command == "distill" and not cfg.distill.teacher:
+        raise ConfigError("give the teacher checkpoint (--teacher CKPT or distill.teacher=...)")
+    check_train_config(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0]
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = validate(argv)
     except ConfigError as e:
         print(f"dinolike {command}: config error: {e}", file=sys.stderr)
         return 2
-    if command == "distill" and not cfg.distill.teacher:
-        print("dinolike distill: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
-              file=sys.stderr)
-        return 2
     n_local = cfg.dist.local_processes
-    if n_local < 1:
-        print(f"dinolike {command}: config error: dist.local_processes must be >= 1, got {n_local}",
-              file=sys.stderr)
-        return 2
     from dinolike.train.periodic_eval import final_knn
 
     local_child = os.environ.get(CHILD_ENV) == "1"
     if n_local > 1 and launcher() == "single":
         status = run_local(argv, n_local)
         if status == 0 and cfg.eval.final_knn:
-            final_knn(cfg)  # once, here: the children leave it to this parent
+            return final_knn(cfg)  # once, here: the children leave it to this parent
         return status
     if n_local > 1 and not local_child:
         logging.getLogger("dinolike.train").info(
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
+    from dinolike.train.checkpoint import CheckpointWriteError, NonFiniteStateError
     from dinolike.train.collapse import CollapseError
     from dinolike.train.loop import NonFiniteLossError, train
 
     try:
         status = train(cfg)
-    except (NonFiniteLossError, CollapseError) as e:
+    except (NonFiniteLossError, NonFiniteStateError, CollapseError, CheckpointWriteError) as e:
         print(f"dinolike {command}: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:
@@ -68,5 +75,5 @@ def main(argv: list[str]) -> int:
         print(f"dinolike {command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if status == 0 and cfg.eval.final_knn and not local_child:
-        final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
+        return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
