@@ -32,8 +32,8 @@ FAULTS: dict[str, tuple[str, str]] = {
                     "nothing exported"),
     "nan-checkpoint": ("a state holding NaN handed to the checkpoint writer",
                        "refused, naming the tensor; the previous checkpoint stays the newest"),
-    "images-mixed": ("image folder with corrupt, truncated, zero-byte, wrong-extension, CMYK, 16-bit, 1x1 and "
-                     "20000x20000-header files",
+    "images-mixed": ("image folder with corrupt, truncated, zero-byte, wrong-extension, CMYK, 16-bit and 1x1 "
+                     "files, and headers claiming 10000x10000 and 20000x20000 pixels",
                      "unreadable files skipped and counted once each (`skipped_files`) and per draw "
                      "(`skipped_draws`); CMYK, 16-bit, 1x1 and misnamed images decoded correctly; no crash, no hang"),
     "images-all-bad": ("`dinolike train` on a folder whose images are all corrupt",
@@ -44,7 +44,7 @@ FAULTS: dict[str, tuple[str, str]] = {
                         "checkpoint and teacher export of that iteration, exit 0; the final kNN evaluates it"),
     "stop-signal": ("SIGTERM (preemption) mid-run",
                     "checkpoint and teacher export of that iteration, exit 3 (requeue)"),
-    "submit-bad-config": ("`dinolike submit train|curate|eval` with a misspelt key or a bad value",
+    "submit-bad-config": ("`dinolike submit` (train, curate, eval) with a misspelt key or a bad value",
                           "one-line config error, exit 2, nothing submitted"),
     "command-bad-config": ("`dinolike curate all` with a misspelt method, `dinolike eval knn` with a bad override "
                            "or dataset spec",
@@ -72,5 +72,5 @@ def render(observed: dict[str, list[str]]) -> str:
     lines = ["| fault injected | what happens (asserted by the suite) | observed in the last run |", "|---|---|---|"]
     for key, (fault, outcome) in FAULTS.items():
         seen = "; ".join(observed.get(key, [])) or "**not verified** (test failed or not run)"
-        lines.append(f"| {fault} | {outcome} | {seen.replace('|', '/')} |")
+        lines.append(f"| {fault} | {outcome} | {seen.replace('|', '/')} |")  # a | would split the cell
     return "\n".join(lines)

@@ -114,7 +114,8 @@ def test_kill9_at_random_points_and_during_a_checkpoint_write_then_resume_is_bit
     assert r.returncode == 0, r.stderr[-3000:]
     assert ckpt_names(out) == ["ckpt_0000006.pt", "ckpt_0000009.pt"]  # ... and gone after the resume
     assert_same_final_teacher(reference, out)
-    record("kill-random", f"seed {seed}: killed in {phase1} of step {it1}")
+    where = {"forward": "before the forward pass", "step": "between optimizer step and EMA"}[phase1]
+    record("kill-random", f"seed {seed}: killed {where} of step {it1}")
     record("kill-write", f"seed {seed}: killed {write_phase} of ckpt_{c2:07d}.pt")
 
 

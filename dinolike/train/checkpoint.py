@@ -128,7 +128,10 @@ def save_checkpoint(ckpt_dir: Path, iteration: int, state: dict[str, Any], keep_
     except OSError as e:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
     try:
-        load_checkpoint(path, mmap=True)  # what a resume would read, from the file just written
+        try:
+            load_checkpoint(path, mmap=True)  # what a resume would read, from the file just written
+        except DamagedCheckpointError:
+            load_checkpoint(path)  # a filesystem that cannot mmap: read it plainly before calling it damaged
     except DamagedCheckpointError as e:
         _quarantine(path)
         raise CheckpointWriteError(f"checkpoint {path} did not read back intact ({e}); {kept}") from None
@@ -146,7 +149,8 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - named file, readable reason
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else ""  # torch appends a paragraph of advice
+        # the first sentence: torch appends a paragraph of advice; an empty file raises a bare EOFError
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e).strip() else "the file is empty or cut short"
         raise DamagedCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise DamagedCheckpointError(f"{path} is not a dinolike training checkpoint (holds a {type(ckpt).__name__})")
