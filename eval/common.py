@@ -137,6 +137,21 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     return cfg, has_model
 
 
+def check_args(args: argparse.Namespace) -> tuple[DictConfig, bool]:
+    """Everything checkable before a model or an image is loaded (the config and its overrides, the
+    dataset specs' syntax), so a typo fails at once and not after the train features were extracted.
+    Returns resolve_config's (config, has_model_config)."""
+    from dinolike.data.datasets import parse_spec
+
+    resolved = resolve_config(args.pretrained, args.config, args.opts)
+    for flag, spec in (("--train-dataset", args.train_dataset), ("--val-dataset", args.val_dataset)):
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            raise EvalError(f"{flag}: {e}") from None
+    return resolved
+
+
 def _cfg_get(cfg: DictConfig, dotted: str, default: Any = None) -> Any:
     val = OmegaConf.select(cfg, dotted, default=default)
     return default if val is None else val
@@ -283,7 +298,7 @@ class EvalSetup:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalSetup:
-        cfg, has_model = resolve_config(args.pretrained, args.config, args.opts)
+        cfg, has_model = check_args(args)
         model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
         return cls(args, cfg, model)
 
