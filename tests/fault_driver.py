@@ -41,11 +41,11 @@ def install(phase: str, at: int, batch_size: int) -> None:
     real_save, real_replace = torch.save, os.replace
     target = f"ckpt_{at:07d}.pt"
 
-    def forward_loss(self, batch, sched):
+    def forward_loss(self, batch, sched, *step_phase):
         current["it"] = int(batch["positions"][0]) // batch_size  # one process: position = it * B + j
         if phase == "forward" and current["it"] == at:
             die()
-        return real_forward(self, batch, sched)
+        return real_forward(self, batch, sched, *step_phase)
 
     def after_step(self, sched):
         if phase == "step" and current["it"] == at:
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from dinolike.train import cli
+    from dinolike.commands import train as cli
 
     if args.kill:
         phase, at = args.kill.split("@")

@@ -23,9 +23,9 @@ import pytest
 import torch
 from faultlog import record
 
+from dinolike.commands import train as cli
 from dinolike.config import load_config
 from dinolike.train import checkpoint as ck
-from dinolike.train import cli
 from dinolike.train.loop import train
 from dinolike.train.ssl import SSLMethod
 
@@ -180,7 +180,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(reference, 
     r = run_driver(out, preexec=small_disk)
     assert r.returncode == 1, r.stderr[-3000:]
     err = r.stderr.strip().splitlines()[-1]
-    assert err.startswith("dinolike train: cannot write checkpoint") and "ckpt_0000009.pt: File too large" in err
+    assert err.startswith("dinolike train: error: cannot write checkpoint") and "ckpt_0000009.pt: File too large" in err
     assert "ckpt_0000006.pt is intact" in err
     assert ckpt_names(out) == ["ckpt_0000006.pt"]  # no temp file left behind to fill the disk further
     assert ck.load_checkpoint(out / "checkpoints" / "ckpt_0000006.pt")["iteration"] == 6
@@ -192,11 +192,11 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(reference, 
 def test_nan_in_student_weights_stops_naming_iteration_and_term(tmp_path, monkeypatch, capsys):
     real = SSLMethod.forward_loss
 
-    def poisoned(self, batch, sched):
+    def poisoned(self, batch, sched, *phase):
         if int(batch["positions"][0]) // BATCH == 4:  # step 4: after checkpoint 3, before checkpoint 6
             with torch.no_grad():
                 next(self.student.parameters()).view(-1)[0] = float("nan")
-        return real(self, batch, sched)
+        return real(self, batch, sched, *phase)
 
     monkeypatch.setattr(SSLMethod, "forward_loss", poisoned)
     out = tmp_path / "run"
@@ -246,10 +246,10 @@ def test_a_stopped_run_leaves_the_teacher_of_its_iteration(tmp_path, monkeypatch
     else:
         real = SSLMethod.forward_loss
 
-        def preempted(self, batch, sched):  # SLURM's SIGTERM arrives during step 1
+        def preempted(self, batch, sched, *phase):  # SLURM's SIGTERM arrives during step 1
             if int(batch["positions"][0]) // BATCH == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return real(self, batch, sched)
+            return real(self, batch, sched, *phase)
 
         monkeypatch.setattr(SSLMethod, "forward_loss", preempted)
         extra, status, stop_at = [], 3, 2
