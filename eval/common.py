@@ -90,6 +90,11 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
     return 0
 
 
+def probe_headline(result: Mapping[str, Any]) -> dict[str, float]:
+    """A probe's headline numbers, averaged over few-label splits."""
+    return {"test_top1": result["test_top1"], "test_top5": result["test_top5"]}
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .common import EvalSetup
+    from .common import EvalSetup, probe_headline
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.linear
@@ -323,11 +323,10 @@ def run(args: argparse.Namespace) -> dict:
             stratify=setup.few_label,
         )
 
-    res, few_rows, few = setup.over_label_splits(
-        train, fit, lambda r: {"test_top1": r["test_top1"], "test_top5": r["test_top5"]})
+    res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
     if few is not None:
-        extra = {"few_label": few, "protocol_seconds": t()}
-        return setup.finish("linear", res, few_rows, extra=extra, train=train, test=test)
+        return setup.finish("linear", res, few_rows, extra={"few_label": few, "protocol_seconds": t()},
+                            train=train, test=test)
     heads = res.pop("heads")
     # one table row per input kind: its best learning rate on the validation split
     rows = []
