@@ -30,6 +30,7 @@ L_ARGS=${L_ARGS:-"--config configs/base.yaml model.patch_size=16"}
 G_ARGS=${G_ARGS:-"--config configs/vitg14_pretrain.yaml"}
 LOADER_WORKERS=${LOADER_WORKERS:-"4 8 12"}
 LOADER_IMAGES=${LOADER_IMAGES:-1000}
+LOADER_SECONDS=${LOADER_SECONDS:-5}
 STEPS=${STEPS:-"peak l_eager l_compiled l_sdpa g loader"}
 PY=${PYTHON:-python3}
 DIR=${OUT:-/tmp}/gpu_throughput_$(date +%s)
@@ -59,7 +60,7 @@ dev = torch.device(sys.argv[1])
 dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 for n in PEAK_SIZES.get(dev.type, PEAK_SIZES["cpu"]):
     flops, _ = peak_matmul_flops(dev, dtype, (n,), min_seconds=0.5)
-    print(f"| matmul {n}^3 {str(dtype)[6:]} | {flops / 1e12:.1f} TFLOP/s |")
+    print(f"| matmul {n}^3 {str(dtype)[6:]} | {flops / 1e12:.3f} TFLOP/s |")
 PY
     cat "$DIR/peak.txt"
 fi
@@ -82,7 +83,7 @@ fi
 }
 if has loader; then
     timeout 400 "$PY" benchmarks/bench_loader.py --dir "$DIR/jpegs" --images "$LOADER_IMAGES" \
-        --workers $LOADER_WORKERS --seconds 5 > "$DIR/loader.md" 2>"$DIR/loader.log"
+        --workers $LOADER_WORKERS --seconds "$LOADER_SECONDS" > "$DIR/loader.md" 2>"$DIR/loader.log"
     echo "loader: exit $?" | tee -a "$DIR/status.txt"
     rm -rf "$DIR/jpegs"
     cat "$DIR/loader.md"

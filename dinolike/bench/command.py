@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow options (scripts append)
     if args.iters < 1 or args.warmup < 0:
         print("dinolike bench: error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
