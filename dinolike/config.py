@@ -75,8 +75,10 @@ def check_type(key: str, default: object, value: object, source: str) -> None:
             return
 
 
-def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictConfig) -> DictConfig:
-    """Merge `delta` into `cfg`; keys and types are checked against the pristine schema (base.yaml)."""
+def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictConfig,
+                  dropped: list[str] | None = None) -> DictConfig:
+    """Merge `delta` into `cfg`; keys and types are checked against the pristine schema (base.yaml).
+    With `dropped` (a list), keys the schema does not know are removed and listed there, not an error."""
     flat = {}
 
     def walk(node: DictConfig, prefix: str) -> None:
@@ -91,14 +93,31 @@ def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictC
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(schema, parent) if parent else schema
         if not isinstance(node, DictConfig) or leaf not in node:
-            raise _unknown_key_error(schema, key, source)
+            if dropped is None:
+                raise _unknown_key_error(schema, key, source)
+            dropped.append(key)
+            continue
         if isinstance(node[leaf], DictConfig) and not isinstance(flat[key], DictConfig):
             raise ConfigError(f"'{key}' in {source} is a section; set its keys ({key}.KEY=VALUE)")
         check_type(key, node._get_node(leaf)._value(), flat[key], source)
+    if dropped:
+        delta = OmegaConf.create(_without(OmegaConf.to_container(delta), dropped))
     try:
         return OmegaConf.merge(cfg, delta)
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
         raise ConfigError(f"bad value in {source}: {e}") from None
+
+
+def _without(tree: dict, keys: Iterable[str]) -> dict:
+    """`tree` with the dotted `keys` removed."""
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {})
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return tree
 
 
 def load_schema(*files: Path) -> DictConfig:
@@ -112,15 +131,18 @@ def load_config(
     overrides: list[str] | None = None,
     schema_file: Path = BASE,
     schema: DictConfig | None = None,
+    dropped: list[str] | None = None,
 ) -> DictConfig:
     """Merged, read-only-schema config. `overrides` are `section.key=value` strings; the schema is
-    `schema_file` (the training one by default; curation has its own) or, when given, `schema`."""
+    `schema_file` (the training one by default; curation has its own) or, when given, `schema`.
+    `dropped` (a list): keys of the file the schema does not know are left out and listed there instead
+    of failing (a run's config.yaml written by another dinolike version); overrides stay strict."""
     schema = OmegaConf.load(schema_file) if schema is None else schema
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:
         for delta, source in _read_yaml_chain(Path(path)):
-            cfg = _merge_strict(cfg, delta, source, schema)
+            cfg = _merge_strict(cfg, delta, source, schema, dropped)
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")

@@ -137,12 +137,16 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
         if not has_model:
             schema.pop("model")  # the schema's default model says nothing about this checkpoint
     overrides = [f"model.arch={preset}"] if preset else []
+    dropped: list[str] = []
     try:
-        cfg = load_config(path, [*overrides, *opts], schema=schema)
+        cfg = load_config(path, [*overrides, *opts], schema=schema, dropped=dropped)
     except ConfigError as e:
         raise EvalError(str(e)) from e
     except Exception as e:  # omegaconf raises its own error types for malformed values
         raise EvalError(f"bad config or override {list(opts)}: {e}") from e
+    if dropped:  # evaluating needs the model, data and eval keys, not every training key of its time
+        log.warning("%s: ignoring %d key(s) this version does not know (another dinolike version's run?): %s",
+                    path, len(dropped), ", ".join(dropped))
     OmegaConf.set_struct(cfg, False)  # load_backbone records the checkpoint's own model section
     return cfg, has_model
 

@@ -290,3 +290,28 @@ def test_image_folder_with_a_corrupt_file_is_a_counted_skip(tmp_path, capsys) ->
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "loose.png")
     assert eval_main(args) == 2
     assert "have no label" in capsys.readouterr().err
+
+
+def test_a_run_config_from_another_version_evaluates_with_a_warning(tmp_path, caplog) -> None:
+    """A run's config.yaml with a key this version renamed (e.g. collapse.uniform_ratio) must not block
+    its evaluation: the key is ignored and named; a misspelt key on the command line still fails."""
+    from omegaconf import OmegaConf
+
+    from dinolike.config import load_config
+    from dinolike.models import build_backbone
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = OmegaConf.to_container(load_config(None, ["model.arch=vit_pico", *(a for a in PICO if "=" in a)]))
+    cfg["collapse"]["uniform_ratio"] = 0.98  # a key of an older schema
+    OmegaConf.save(OmegaConf.create(cfg), run / "config.yaml")
+    model = build_backbone({"arch": "vit_pico", "patch_size": 7, "img_size": 28, "in_chans": 1})
+    torch.save(model.state_dict(), run / "teacher_backbone.pth")
+    base = ["knn", "--pretrained", str(run / "teacher_backbone.pth"), "--limit-train", "200", "--limit-val", "50",
+            "--no-cache", "--no-progress", "--output-dir", str(tmp_path / "out")]
+    with caplog.at_level("WARNING"):
+        assert eval_main(base) == 0
+    assert "collapse.uniform_ratio" in caplog.text and "ignoring 1 key" in caplog.text
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["model"]["patch_size"] == 7 and 0 < res["metrics"]["k20_top1"] <= 100
+    assert eval_main([*base, "collapse.uniform_ratio=0.9"]) == 2  # the command line stays strict
