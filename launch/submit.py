@@ -21,7 +21,7 @@ from typing import Any
 
 from .task import EXIT_REQUEUE, LaunchTask
 
-COMMANDS = ("train", "distill", "eval", "curate")
+COMMANDS = ("train", "distill", "eval", "curate", "pipeline")
 DEFAULT_JOB_DIR = "runs/_jobs"
 
 
