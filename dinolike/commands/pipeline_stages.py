@@ -72,8 +72,12 @@ def _config_file(out: Path, name: str, files: list[Path]) -> Path:
     if len(files) == 1:
         return files[0]
     path = out / STATE_DIR / f"{name}.recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(OmegaConf.create(layered_recipe(files))))
+    text = OmegaConf.to_yaml(OmegaConf.create(layered_recipe(files)))
+    if not path.is_file() or path.read_text() != text:  # a rerun that changes nothing writes nothing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return path
 
 
@@ -90,7 +94,7 @@ def _injected(out: Path, name: str, stages: list[str], demo: bool) -> tuple[list
             extra += [f"pool=[folder-nolabels:{here / 'demo' / 'pool'}]", f"seeds=[folder:{here / 'demo' / 'seeds'}]"]
         return extra, []
     extra, reads = [f"run.output_dir={here}"], []
-    if name == "pretrain" and "curate" in stages:
+    if "curate" in stages:  # every training stage reads the curated images
         extra.append(f"data.train=manifest:{manifest(out)}")
         reads.append("curate")
     if name == "highres" and "pretrain" in stages:
@@ -176,13 +180,11 @@ def inputs(out: Path, stage: Stage) -> dict[str, Path]:
         st = read_state(out, up)
         if st is None or st["status"] != "done":
             raise StageError(f"stage {stage.name!r} reads the output of {up!r}, which has not finished: run it first")
-    if stage.name == "pretrain" and stage.upstream:
-        return {"manifest": manifest(out)}
-    if stage.name in ("highres", "distill") and stage.upstream:
-        return {"checkpoint": newest_checkpoint(stage_dir(out, stage.upstream[0]))}
+    found = {"manifest": manifest(out)} if "curate" in stage.upstream else {}
     if stage.name == "eval":
         return {m: p for up in stage.upstream for m, p in backbones(out, up).items()}
-    return {}
+    trained = [u for u in stage.upstream if u != "curate"]  # highres and distill start from a checkpoint
+    return {**found, **({"checkpoint": newest_checkpoint(stage_dir(out, trained[0]))} if trained else {})}
 
 
 def stage_fingerprint(out: Path, stage: Stage, upstream: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -191,7 +193,8 @@ def stage_fingerprint(out: Path, stage: Stage, upstream: dict[str, str]) -> tupl
     found = inputs(out, stage)
     ins = {k: {"path": os.path.relpath(p, out), "fingerprint": file_digest(p)} for k, p in found.items()}
     ups = {u: upstream[u] for u in stage.upstream}
-    return digest(stage.name, stage.config, {k: v["fingerprint"] for k, v in ins.items()}, ups), ins
+    portable = json.loads(json.dumps(stage.config).replace(str(out), "$OUTPUT_DIR"))  # a moved folder is the same
+    return digest(stage.name, portable, {k: v["fingerprint"] for k, v in ins.items()}, ups), ins
 
 
 def begin_stage(out: Path, stage: Stage, fp: str, ins: dict[str, Any], upstream: dict[str, str],
@@ -258,7 +261,7 @@ def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
         models["random"] = ("random", ["--config", str(stage_dir(out, stage.upstream[0]) / "config.yaml")])
     models.update({m: (str(p), []) for m, p in inputs(out, stage).items()})
     common = ["--train-dataset", str(sec.train_dataset), "--val-dataset", str(sec.val_dataset),
-              "--cache-dir", str(here / "feature_cache"), "--no-progress"]
+              "--cache-dir", str(out / "cache" / "features"), "--no-progress"]
     common += ["--limit-train", str(sec.limit_train)] if int(sec.limit_train) > 0 else []
     common += ["--limit-val", str(sec.limit_val)] if int(sec.limit_val) > 0 else []
     main: Callable[[list[str]], int] = import_command("eval.__main__").main
