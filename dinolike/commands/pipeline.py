@@ -81,6 +81,7 @@ def update_records(cfg: DictConfig, config_file: str) -> None:
     out, stages = Path(cfg.output_dir), [str(s) for s in cfg.stages]
     write_lineage(out, pipeline_record(cfg, config_file), stages)
     plot = import_command("eval.plot").plot_curves
+    (out / REPORT_DIR).mkdir(exist_ok=True)
     curves = {}
     for s in stages:
         st = read_state(out, s)

@@ -77,7 +77,7 @@ def submit_pipeline(cfg: DictConfig, config_file: str, overrides: list[str], wai
         jobs.append((stage.name, job))
         after = [job.job_id]
     print(f"logs: {out / 'jobs'}; report when done: {out / 'report.md'}")
-    return _wait(jobs) if wait else 0
+    return _wait(jobs, out) if wait else 0
 
 
 def _submit_embed(cfg: DictConfig, stage: Stage, fps: dict[str, str], jobs: list[tuple[str, Any]]) -> list[str]:
@@ -99,15 +99,24 @@ def _submit_embed(cfg: DictConfig, stage: Stage, fps: dict[str, str], jobs: list
     return [array[0].job_id.split("_")[0]]
 
 
-def _wait(jobs: list[tuple[str, Any]]) -> int:
+def _wait(jobs: list[tuple[str, Any]], out: Path) -> int:
     """Follow the jobs in order; at the first failure cancel the rest (their dependency can never be met)."""
     wait_for = import_command("launch.submit").wait_for
     for i, (name, job) in enumerate(jobs):
-        if wait_for(job):
+        if name == "curate embed":  # a shard task returns whether it computed the shard, not a status
+            try:
+                job.result()
+                failed = False
+            except Exception as e:  # noqa: BLE001 - submitit's job errors carry the task's log
+                print(f"shard job {job.job_id} failed: {e}", file=sys.stderr)
+                failed = True
+        else:
+            failed = wait_for(job) != 0
+        if failed:
             for _, later in jobs[i + 1 :]:
                 later.cancel(check=False)
             print(f"dinolike pipeline: error: {name} (job {job.job_id}) failed; later jobs cancelled; submit "
                   "the same command again to resume", file=sys.stderr)
             return 1
-    print(f"dinolike pipeline: all jobs completed; report: {Path(jobs[-1][1].paths.folder)}", file=sys.stderr)
+    print(f"dinolike pipeline: all jobs completed; report: {out / 'report.md'}", file=sys.stderr)
     return 0
