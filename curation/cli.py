@@ -11,9 +11,9 @@ import json
 import logging
 import sys
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, load_config
+from .config import ConfigError, check_config, load_config
 from .pipeline import STEPS, run_step
 from .store import StepOutputError, write_lines
 
@@ -32,17 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def validate(argv: list[str] | None) -> tuple[argparse.Namespace, DictConfig | None]:
+    """The parsed command line and its checked config (None for `demo`), before any work; what `dinolike
+    submit curate` runs before submitting. Raises ConfigError; argparse exits on a malformed line."""
+    args = build_parser().parse_intermixed_args(argv)
+    if args.step == "demo":
+        return args, None
+    cfg = load_config(args.config, args.overrides)
+    check_config(cfg, args.step)
+    return args, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.step == "demo":
+        _, cfg = validate(argv)
+        if cfg is None:
             from .demo import write_demo_pool
 
             truth = write_demo_pool(args.demo_out, n_originals=args.demo_n)
             print(json.dumps(truth["counts"]))
             return 0
-        cfg = load_config(args.config, args.overrides)
         result = run_step(cfg, args.step, args.force)
         write_lines(f"{cfg.work_dir}/config.yaml", OmegaConf.to_yaml(cfg).splitlines())
     except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:

@@ -13,12 +13,28 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dinolike.config import ConfigError
+from dinolike.config import ConfigError, check_values
 from dinolike.config import load_config as _load_strict
 
 SCHEMA = Path(__file__).resolve().parent.parent / "configs" / "curation" / "base.yaml"
 
-__all__ = ["SCHEMA", "ConfigError", "load_config", "section_fingerprint"]
+__all__ = ["SCHEMA", "ConfigError", "check_config", "load_config", "section_fingerprint"]
+
+CHOICES: dict[str, tuple[object, ...]] = {
+    "embed.embedder": ("pixels", "backbone"),
+    "embed.device": ("auto", "cpu", "cuda"),
+    "embed.backbone.which": ("teacher", "student"),
+    "index.type": ("auto", "flat", "ivf", "ivfpq"),
+    "index.quantizer": ("auto", "flat", "hnsw"),
+    "index.gpu": ("auto", True, False, "true", "false"),
+    "retrieve.methods": ("sample", "cluster"),
+    "build.sources": ("dedup", "retrieve", "sample"),
+}
+MINIMUM: dict[str, float] = {
+    **dict.fromkeys(("embed.shard_size", "embed.batch_size", "index.list_size", "index.nprobe", "dedup.k",
+                     "retrieve.k", "retrieve.n_clusters", "retrieve.per_cluster", "sample.target"), 1),
+    **dict.fromkeys(("embed.num_workers", "index.nlist", "index.threads"), 0),
+}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
@@ -32,3 +48,30 @@ def section_fingerprint(*parts: Any) -> str:
     plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, (DictConfig, ListConfig)) else p for p in parts]
     blob = json.dumps(plain, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_config(cfg: DictConfig, step: str) -> None:
+    """Values checked before any work, so that `all` cannot embed a pool for an hour and then fail on a
+    misspelt retrieval method (also what `dinolike submit curate` runs before submitting)."""
+    from dinolike.data.datasets import parse_spec
+
+    check_values(cfg, CHOICES, MINIMUM)
+    for key in ("retrieve.methods", "build.sources"):
+        if not OmegaConf.select(cfg, key):
+            raise ConfigError(f"{key} must not be empty")
+    for name in ("pool", "references", "seeds"):
+        specs = [cfg[name]] if isinstance(cfg[name], str) else list(cfg[name])
+        for spec in specs:
+            try:
+                scheme, _ = parse_spec(spec)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+            if name == "pool" and scheme == "fmnist":
+                raise ConfigError(f"pool spec {spec!r}: the pool must be files (folder:/... or manifest:/...)")
+    if step != "demo" and not cfg.pool:
+        raise ConfigError("pool is empty: set pool=[folder:/path] (or a manifest)")
+    if cfg.embed.embedder == "backbone" and not cfg.embed.backbone.checkpoint:
+        raise ConfigError("embed.embedder=backbone needs embed.backbone.checkpoint")
+    needs_seeds = step == "retrieve" or (step in ("all", "build") and "retrieve" in cfg.build.sources)
+    if needs_seeds and not cfg.seeds:
+        raise ConfigError("retrieval needs seed images: set seeds=[...] (or leave retrieve out of build.sources)")

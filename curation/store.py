@@ -2,12 +2,16 @@
 
 Every file is written to a temporary name in the same folder and moved into place with `os.replace`, so a
 killed process leaves either the old file or the new one, never half of one. A shard's marker is written
-last: a shard without a marker (or whose marker disagrees with its files) is incomplete and recomputed.
+last, with the SHA-256 of the shard's files: a shard without a marker, or whose files no longer match the
+marker's checksums, is not computed; `embed` recomputes it and no later step reads it as data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "StepOutputError",
@@ -100,46 +106,86 @@ class ShardSet:
             return json.load(f)
 
     # ------------------------------------------------------------------ shards
+    def _marker_info(self, i: int) -> dict[str, Any] | None:
+        """The marker's content; None when it is missing or unreadable (an unreadable one: a warning)."""
+        try:
+            with open(self.marker(i), encoding="utf-8") as f:
+                info = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("%s is unreadable (%s): shard %d counts as not computed", self.marker(i), e, i)
+            return None
+        return info if isinstance(info, dict) else None
+
+    def damage(self, i: int, info: dict[str, Any]) -> str | None:
+        """Why shard `i`'s files do not match its marker (None when they do): a file changed, truncated or
+        emptied after the shard was committed must not be read as embeddings."""
+        digests = info.get("sha256")
+        for path, kind in ((self.npy(i), "npy"), (self.paths_file(i), "paths")):
+            if not path.is_file():
+                return f"{path.name} is missing"
+            if digests is not None and _sha256(path.read_bytes()) != digests[kind]:
+                return f"{path.name} does not match the checksum in {self.marker(i).name}"
+        if digests is None:  # a marker from before checksums: at least the row counts must agree
+            rows = np.load(self.npy(i), mmap_mode="r").shape[0]
+            if not rows == info.get("rows") == len(read_lines(self.paths_file(i))):
+                return f"{self.npy(i).name} row count disagrees with {self.marker(i).name}"
+        return None
+
     def is_complete(self, i: int, fingerprint: str) -> bool:
-        """True when shard `i` was fully written by an embedder with this fingerprint.
+        """True when shard `i` was fully written by an embedder with this fingerprint and is undamaged
+        (a damaged shard is reported and counts as not computed, so `embed` recomputes it).
 
         A marker from another embedder is an error, not a silent recompute: mixing two embedders' shards in
         one work dir would give meaningless similarities."""
-        if not self.marker(i).is_file():
+        info = self._marker_info(i)
+        if info is None:
             return False
-        with open(self.marker(i), encoding="utf-8") as f:
-            info = json.load(f)
         if info.get("fingerprint") != fingerprint:
             raise StepOutputError(
                 f"{self.marker(i)} was written by another embedder config ({info.get('fingerprint')} != "
                 f"{fingerprint}); use a new work_dir or delete {self.root}"
             )
-        if not (self.npy(i).is_file() and self.paths_file(i).is_file()):
+        why = self.damage(i, info)
+        if why is not None:
+            log.warning("shard %d of %s is damaged (%s): it will be recomputed", i, self.root, why)
             return False
-        rows = np.load(self.npy(i), mmap_mode="r").shape[0]
-        return rows == info.get("rows") == len(read_lines(self.paths_file(i)))
+        return True
 
     def write_shard(
         self, i: int, emb: np.ndarray, names: list[str], labels: list[int], skipped: list[str], fingerprint: str
     ) -> None:
-        """Embeddings and names first, the marker last (the marker is the commit point)."""
-        atomic_write(self.npy(i), lambda f: np.save(f, emb.astype(np.float32, copy=False)), mode="wb")
-        write_lines(self.paths_file(i), [f"{n}\t{lab}" for n, lab in zip(names, labels, strict=True)])
-        write_json(self.marker(i), {"rows": int(emb.shape[0]), "skipped": skipped, "fingerprint": fingerprint})
+        """Embeddings and names first, the marker (with their checksums) last: the marker is the commit point."""
+        buf = io.BytesIO()
+        np.save(buf, emb.astype(np.float32, copy=False))
+        lines = "".join(f"{n}\t{lab}\n" for n, lab in zip(names, labels, strict=True)).encode("utf-8")
+        atomic_write(self.npy(i), lambda f: f.write(buf.getvalue()), mode="wb")
+        atomic_write(self.paths_file(i), lambda f: f.write(lines), mode="wb")
+        write_json(self.marker(i), {"rows": int(emb.shape[0]), "skipped": skipped, "fingerprint": fingerprint,
+                                    "sha256": {"npy": _sha256(buf.getvalue()), "paths": _sha256(lines)}})
 
     def load(self, n_shards: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
-        """All shards concatenated: (embeddings [N, D] float32, names, labels [N], skipped names)."""
+        """All shards concatenated: (embeddings [N, D] float32, names, labels [N], skipped names).
+        Every shard is checked against its marker's checksums first: damage is an error, never data."""
         embs, names, labels, skipped = [], [], [], []
         for i in range(n_shards):
-            if not self.marker(i).is_file():
+            info = self._marker_info(i)
+            if info is None:
                 raise StepOutputError(f"shard {self.npy(i)} is not complete: run (or finish) the `embed` step")
+            why = self.damage(i, info)
+            if why is not None:
+                raise StepOutputError(f"shard {i} of {self.root} is damaged ({why}): run `embed` again to recompute it")
             embs.append(np.load(self.npy(i)))
             for line in read_lines(self.paths_file(i)):
                 name, _, lab = line.rpartition("\t")
                 names.append(name)
                 labels.append(int(lab))
-            with open(self.marker(i), encoding="utf-8") as f:
-                skipped.extend(json.load(f)["skipped"])
+            skipped.extend(info["skipped"])
         embs = [e for e in embs if e.shape[0]]  # a shard whose images were all unreadable has no rows
         emb = np.concatenate(embs) if embs else np.zeros((0, 0), np.float32)
         return emb, names, np.asarray(labels, dtype=np.int64), skipped
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

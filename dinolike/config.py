@@ -10,6 +10,7 @@ known one (the official code accepts typos silently, and a mistyped learning-rat
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -54,7 +55,7 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Dict
     return [*chain, (cfg, str(path))]
 
 
-def _check_type(key: str, default: object, value: object, source: str) -> None:
+def check_type(key: str, default: object, value: object, source: str) -> None:
     """Values must keep the schema's type (a number stays a number); null defaults accept anything."""
     if default is None or value is None:
         return
@@ -93,7 +94,7 @@ def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictC
             raise _unknown_key_error(schema, key, source)
         if isinstance(node[leaf], DictConfig) and not isinstance(flat[key], DictConfig):
             raise ConfigError(f"'{key}' in {source} is a section; set its keys ({key}.KEY=VALUE)")
-        _check_type(key, node._get_node(leaf)._value(), flat[key], source)
+        check_type(key, node._get_node(leaf)._value(), flat[key], source)
     try:
         return OmegaConf.merge(cfg, delta)
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
@@ -131,3 +132,23 @@ def load_config(
 
 def to_container(cfg: DictConfig | ListConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def check_values(cfg: DictConfig, choices: Mapping[str, Collection] = {},  # noqa: B006 - read only
+                 minimum: Mapping[str, float] = {}, fractions: Iterable[str] = ()) -> None:  # noqa: B006
+    """Raise ConfigError naming the first key whose value is not one of its `choices`, is below its
+    `minimum`, or (for `fractions`) is outside [0, 1]. Lists are checked element by element."""
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        for v in value if isinstance(value, ListConfig) else [value]:
+            if v not in allowed:
+                raise ConfigError(f"{key} must be {'made of' if isinstance(value, ListConfig) else 'one of'} "
+                                  f"{', '.join(map(str, allowed))}; got {v!r}")
+    for key, low in minimum.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key} must be >= {low}, got {value}")
+    for key in fractions:
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key} must be between 0 and 1, got {value}")

@@ -18,6 +18,24 @@ def usage() -> str:
     lines = "\n".join(f"  {c:<7} {h}" for c, h in COMMANDS.items())
     return (f"usage: dinolike eval {{{'|'.join(COMMANDS)}}} [ARGS]   (dinolike eval knn --help for its options)"
             f"\n\nprotocols:\n{lines}")
+PROTOCOLS = ("knn", "linear", "logreg")
+
+
+def validate(argv: list[str]) -> None:
+    """Check `COMMAND ARGS` without loading a model or any data (what `dinolike submit eval` runs before
+    submitting; the protocols run the same checks first themselves). Raises ConfigError."""
+    from dinolike.config import ConfigError
+
+    if not argv or argv[0] not in COMMANDS:
+        raise ConfigError(f"the eval command must be one of {', '.join(COMMANDS)}, got {' '.join(argv[:1]) or 'none'}")
+    args = importlib.import_module(f".{argv[0]}", __package__).build_parser().parse_intermixed_args(argv[1:])
+    if argv[0] in PROTOCOLS:
+        from .common import EvalError, check_args
+
+        try:
+            check_args(args)
+        except EvalError as e:
+            raise ConfigError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

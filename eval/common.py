@@ -61,6 +61,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-dataset", default="fmnist:test", help=f"labelled evaluation set: {DATASET_SPEC_HELP}")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N train items")
     p.add_argument("--limit-val", type=int, default=None, help="use only the first N eval items")
+    p.add_argument("--train-fraction", type=float, default=None,
+                   help="few labels: keep this fraction of each class's labelled train images (e.g. 0.01)")
+    p.add_argument("--shots", type=int, default=None, help="few labels: keep N labelled train images per class")
+    p.add_argument("--label-seeds", type=int, default=3,
+                   help="few labels: number of seeded splits (seeds 0..N-1); mean and spread are reported")
     p.add_argument("--output-dir", default=None, help="where results.json/results.md go")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument(
@@ -83,6 +88,11 @@ def run_cli(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace],
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def probe_headline(result: Mapping[str, Any]) -> dict[str, float]:
+    """A probe's headline numbers, averaged over few-label splits."""
+    return {"test_top1": result["test_top1"], "test_top5": result["test_top5"]}
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -135,6 +145,30 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
         raise EvalError(f"bad config or override {list(opts)}: {e}") from e
     OmegaConf.set_struct(cfg, False)  # load_backbone records the checkpoint's own model section
     return cfg, has_model
+
+
+def check_args(args: argparse.Namespace) -> tuple[DictConfig, bool]:
+    """Everything checkable before a model or an image is loaded (the config and its overrides, the
+    dataset specs' syntax), so a typo fails at once and not after the train features were extracted.
+    Returns resolve_config's (config, has_model_config)."""
+    from dinolike.data.datasets import parse_spec
+
+    fraction, shots = getattr(args, "train_fraction", None), getattr(args, "shots", None)
+    if fraction is not None and shots is not None:
+        raise EvalError("give --train-fraction or --shots, not both")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise EvalError(f"--train-fraction must be in (0, 1], got {fraction}")
+    if shots is not None and shots < 1:
+        raise EvalError(f"--shots must be >= 1, got {shots}")
+    if getattr(args, "label_seeds", 1) < 1:
+        raise EvalError(f"--label-seeds must be >= 1, got {args.label_seeds}")
+    resolved = resolve_config(args.pretrained, args.config, args.opts)
+    for flag, spec in (("--train-dataset", args.train_dataset), ("--val-dataset", args.val_dataset)):
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            raise EvalError(f"{flag}: {e}") from None
+    return resolved
 
 
 def _cfg_get(cfg: DictConfig, dotted: str, default: Any = None) -> Any:
@@ -283,7 +317,7 @@ class EvalSetup:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> EvalSetup:
-        cfg, has_model = resolve_config(args.pretrained, args.config, args.opts)
+        cfg, has_model = check_args(args)
         model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
         return cls(args, cfg, model)
 
@@ -347,6 +381,41 @@ class EvalSetup:
         self.resolution = crop
         return feats
 
+    @property
+    def few_label(self) -> bool:
+        return self.args.train_fraction is not None or self.args.shots is not None
+
+    def over_label_splits(
+        self,
+        train: FeatureSet,
+        fit: Callable[[FeatureSet], dict[str, Any]],
+        headline: Callable[[dict[str, Any]], dict[str, float]],
+    ) -> tuple[dict[str, Any], list[dict[str, Any]] | None, dict[str, Any] | None]:
+        """`fit` on the whole labelled train set -> (its metrics, None, None); with --train-fraction or
+        --shots, `fit` on each seeded class-stratified split -> (mean and `_sd` of the `headline` numbers,
+        one table row per seed + a mean +- sd row, the splits' description for results.json)."""
+        if not self.few_label:
+            return fit(train), None, None
+        from .fewlabel import FewLabelError, few_label_indices, mean_and_spread, split_label
+
+        a = self.args
+        per_seed: list[dict[str, Any]] = []
+        for seed in range(a.label_seeds):
+            try:
+                idx = few_label_indices(train.labels, seed, a.train_fraction, a.shots)  # [M]
+            except FewLabelError as e:
+                raise EvalError(f"{a.train_dataset}: {e}") from None
+            per_seed.append({"seed": seed, "n_labelled": len(idx), **headline(fit(train.subset(idx)))})
+        keys = [k for k in per_seed[0] if k not in ("seed", "n_labelled")]
+        summary: dict[str, Any] = {}
+        for k in keys:
+            summary[k], summary[f"{k}_sd"] = mean_and_spread([r[k] for r in per_seed])
+        mean_row = {"seed": "mean ± sd", "n_labelled": per_seed[0]["n_labelled"],
+                    **{k: f"{summary[k]:.2f} ± {summary[f'{k}_sd']:.2f}" for k in keys}}
+        info = {"split": split_label(a.train_fraction, a.shots), "train_fraction": a.train_fraction,
+                "shots": a.shots, "seeds": list(range(a.label_seeds)), "per_seed": per_seed}
+        return summary, [*per_seed, mean_row], info
+
     @staticmethod
     def num_classes(*sets: FeatureSet) -> int:
         return int(max(int(s.labels.max().item()) for s in sets)) + 1
@@ -362,7 +431,9 @@ class EvalSetup:
         test: FeatureSet,
     ) -> dict[str, Any]:
         """Write results.json + results.md (rank 0 only), print the table, return the payload."""
-        out_dir = self.args.output_dir or os.path.join("outputs", "eval", protocol)
+        few = (extra or {}).get("few_label")
+        default_dir = protocol if few is None else f"{protocol}_{few['split'].replace('%', 'pct')}"
+        out_dir = self.args.output_dir or os.path.join("outputs", "eval", default_dir)
         payload: dict[str, Any] = {
             "protocol": protocol,
             "pretrained": self.args.pretrained,
@@ -384,6 +455,8 @@ class EvalSetup:
         rank, _ = dist_info()
         if rank == 0:
             title = f"{protocol} — {self.args.pretrained} on {self.args.val_dataset}"
+            if few is not None:
+                title += f", {few['split']} of the train labels, {len(few['seeds'])} seeded splits"
             md = write_results(out_dir, payload, title, rows)
             print(md)
         return payload

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dinolike.evaluation.features import FeatureSet
 from dinolike.evaluation.knn import knn_eval
 
 
@@ -33,25 +34,28 @@ def run(args: argparse.Namespace) -> dict:
     )
     t = setup.timer()
     dev = setup.device  # the GPU when there is one: the similarity matmul is the whole cost
-    metrics = knn_eval(
-        train.knn_features().to(dev),
-        train.labels,
-        test.knn_features().to(dev),
-        test.labels,
-        ks=tuple(int(k) for k in kcfg.ks),
-        temperature=float(kcfg.temperature),
-        chunk=int(kcfg.chunk),
-        num_classes=setup.num_classes(train, test),
-    )
-    rows = [{"k": k, "top1": metrics[f"k{k}_top1"], "top5": metrics[f"k{k}_top5"]} for k in kcfg.ks]
-    return setup.finish(
-        "knn",
-        metrics,
-        rows,
-        extra={"temperature": float(kcfg.temperature), "protocol_seconds": t()},
-        train=train,
-        test=test,
-    )
+    ks = tuple(int(k) for k in kcfg.ks)
+    test_feats = test.knn_features().to(dev)
+
+    def fit(tr: FeatureSet) -> dict[str, float]:
+        return knn_eval(
+            tr.knn_features().to(dev),
+            tr.labels,
+            test_feats,
+            test.labels,
+            ks=ks,
+            temperature=float(kcfg.temperature),
+            chunk=int(kcfg.chunk),
+            num_classes=setup.num_classes(train, test),
+        )
+
+    metrics, few_rows, few = setup.over_label_splits(
+        train, fit, lambda m: {f"k{k}_top1": m[f"k{k}_top1"] for k in ks})
+    extra = {"temperature": float(kcfg.temperature), "protocol_seconds": t()}
+    if few is not None:
+        return setup.finish("knn", metrics, few_rows, extra={**extra, "few_label": few}, train=train, test=test)
+    rows = [{"k": k, "top1": metrics[f"k{k}_top1"], "top5": metrics[f"k{k}_top5"]} for k in ks]
+    return setup.finish("knn", metrics, rows, extra=extra, train=train, test=test)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,15 +33,35 @@ class HeadKind:
         return f"blocks{self.n_last_blocks}{'_avgpool' if self.avgpool else ''}"
 
 
-def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Random (seeded) disjoint index sets: the validation part is used only to pick hyperparameters."""
+def split_train_val(n: int, val_fraction: float, seed: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Random (seeded) disjoint index sets: the validation part is used only to pick hyperparameters.
+
+    With `labels` [n] (a few-label split) the hold-out is class-stratified: each class with >= 2 images
+    gives max(1, round(val_fraction * n_c)) of them, keeping at least one to fit; a class of one image
+    keeps it to fit. The validation part is empty when every class has a single image (1 shot): then
+    there is nothing to choose on and the callers use their grid's fixed default.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if labels is not None:
+        return _stratified_split(labels, val_fraction, seed)
     n_val = max(1, int(round(n * val_fraction)))
     if n_val >= n:
         raise ValueError(f"train set of {n} items is too small to hold out a validation split")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:], perm[:n_val]
+
+
+def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    fit, val = [], []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()  # [n_c]
+        members = members[torch.randperm(members.numel(), generator=g)]
+        n_val = 0 if members.numel() < 2 else min(members.numel() - 1, max(1, round(members.numel() * val_fraction)))
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+    return torch.cat(fit), torch.cat(val)
 
 
 def head_kinds(feats: FeatureSet, n_last_blocks: Sequence[int], avgpool: Sequence[bool]) -> list[HeadKind]:
@@ -112,6 +132,8 @@ def linear_probe(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     cpu_threads: int | None = 1,
+    min_steps: int = 0,
+    stratify: bool = False,
 ) -> dict[str, Any]:
     """Train every (lr, input kind) head with cross-entropy, SGD + cosine decay; report the best one.
 
@@ -121,6 +143,9 @@ def linear_probe(
     On CPU the torch thread pool is capped at cpu_threads while training: every step is a handful of
     small matmuls, and thread synchronisation costs more than it gains (3x slower with 2 threads on a
     busy 2-core machine). None keeps torch's setting.
+    A few-label split trains for at least `min_steps` SGD steps (10 epochs of 100 images would be 10
+    steps) and holds out a class-stratified validation part (`stratify`, see split_train_val); without a
+    hold-out (1 shot) the head is the grid's default: most blocks (+ pooled patches), middle lr.
     """
     prev_threads = torch.get_num_threads()
     if torch.device(device).type == "cpu" and cpu_threads:
@@ -140,6 +165,8 @@ def linear_probe(
             seed=seed,
             num_classes=num_classes,
             device=device,
+            min_steps=min_steps,
+            stratify=stratify,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -160,11 +187,13 @@ def _linear_probe(
     seed: int,
     num_classes: int | None,
     device: str | torch.device,
+    min_steps: int,
+    stratify: bool,
 ) -> dict[str, Any]:
     device = torch.device(device)
     if num_classes is None:
         num_classes = int(max(train.labels.max().item(), test.labels.max().item())) + 1
-    tr_idx, va_idx = split_train_val(len(train), val_fraction, seed)
+    tr_idx, va_idx = split_train_val(len(train), val_fraction, seed, train.labels if stratify else None)
     kinds = head_kinds(train, n_last_blocks, avgpool)
     lr_t = torch.tensor([float(lr) * batch_size / 256.0 for lr in lrs], device=device)  # [H]
     gen = torch.Generator().manual_seed(seed)
@@ -183,6 +212,7 @@ def _linear_probe(
         k: _HeadBank(k.n_last_blocks * d + (d if k.avgpool else 0), len(lrs), num_classes, gen, device) for k in kinds
     }
     steps_per_epoch = math.ceil(len(tr_idx) / batch_size)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total = max(1, epochs * steps_per_epoch)
     step = 0
     for _ in range(epochs):
@@ -217,7 +247,7 @@ def _linear_probe(
             res[kind] = (c1, c5, n)
         return res
 
-    val = evaluate(train, va_idx)
+    val = evaluate(train, va_idx) if len(va_idx) else {k: (None, None, 0) for k in banks}
     heads = []
     for kind, (c1, _, n) in val.items():
         for i, lr in enumerate(lrs):
@@ -227,11 +257,13 @@ def _linear_probe(
                     "n_last_blocks": kind.n_last_blocks,
                     "avgpool": kind.avgpool,
                     "lr": float(lr),
-                    "val_top1": 100.0 * c1[i].item() / n,
+                    "val_top1": 100.0 * c1[i].item() / n if n else float("nan"),
                 }
             )
-    best_i = max(range(len(heads)), key=lambda i: heads[i]["val_top1"])  # first maximum wins ties
-    best = heads[best_i]
+    if len(va_idx):
+        best = max(heads, key=lambda h: h["val_top1"])  # first maximum wins ties
+    else:  # nothing held out to choose on: the richest input kind at the grid's middle lr
+        best = heads[(len(kinds) - 1) * len(lrs) + len(lrs) // 2]
     best_kind = HeadKind(best["n_last_blocks"], best["avgpool"])
     lr_pos = [float(x) for x in lrs].index(best["lr"])
     t1, t5, nt = evaluate(test, None)[best_kind]
@@ -261,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .common import EvalSetup
+    from .common import EvalSetup, probe_headline
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.linear
@@ -270,22 +302,31 @@ def run(args: argparse.Namespace) -> dict:
         setup.features(args.val_dataset, args.limit_val),
     )
     t = setup.timer()
-    res = linear_probe(
-        train,
-        test,
-        lrs=[float(x) for x in lc.lrs],
-        n_last_blocks=[int(x) for x in lc.n_last_blocks],
-        avgpool=[bool(x) for x in lc.avgpool],
-        epochs=int(lc.epochs),
-        batch_size=int(lc.batch_size),
-        momentum=float(lc.momentum),
-        weight_decay=float(lc.weight_decay),
-        val_fraction=float(lc.val_fraction),
-        seed=int(setup.cfg.eval.seed),
-        num_classes=setup.num_classes(train, test),
-        device=setup.device,
-        cpu_threads=None if lc.cpu_threads is None else int(lc.cpu_threads),
-    )
+
+    def fit(tr: FeatureSet) -> dict[str, Any]:
+        return linear_probe(
+            tr,
+            test,
+            lrs=[float(x) for x in lc.lrs],
+            n_last_blocks=[int(x) for x in lc.n_last_blocks],
+            avgpool=[bool(x) for x in lc.avgpool],
+            epochs=int(lc.epochs),
+            batch_size=int(lc.batch_size),
+            momentum=float(lc.momentum),
+            weight_decay=float(lc.weight_decay),
+            val_fraction=float(lc.val_fraction),
+            seed=int(setup.cfg.eval.seed),
+            num_classes=setup.num_classes(train, test),
+            device=setup.device,
+            cpu_threads=None if lc.cpu_threads is None else int(lc.cpu_threads),
+            min_steps=int(lc.min_steps) if setup.few_label else 0,
+            stratify=setup.few_label,
+        )
+
+    res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
+    if few is not None:
+        return setup.finish("linear", res, few_rows, extra={"few_label": few, "protocol_seconds": t()},
+                            train=train, test=test)
     heads = res.pop("heads")
     # one table row per input kind: its best learning rate on the validation split
     rows = []

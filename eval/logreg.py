@@ -64,6 +64,7 @@ def logreg_eval(
     standardize: bool = True,
     backend: str = "auto",
     blas_threads: int | None = 1,
+    stratify: bool = False,
 ) -> dict[str, Any]:
     """Multinomial L2 logistic regression: minimise  sum_i -log softmax(W x_i + b)_{y_i} + ||W||^2 / (2C).
 
@@ -72,6 +73,8 @@ def logreg_eval(
     much faster on unit-scale inputs; pixels and ViT tokens have very different scales).
     blas_threads caps the BLAS thread pool during the fits: each L-BFGS step is a small matmul, and on
     a busy machine a multi-threaded BLAS spin-waits and runs ~10x slower than a single thread.
+    A few-label split holds out a class-stratified part (`stratify`); with nothing to hold out (1 shot)
+    the grid's middle C is used without a sweep.
     """
     from threadpoolctl import threadpool_limits
 
@@ -87,6 +90,7 @@ def logreg_eval(
             seed=seed,
             standardize=standardize,
             backend=backend,
+            stratify=stratify,
         )
 
 
@@ -102,6 +106,7 @@ def _logreg_eval(
     seed: int,
     standardize: bool,
     backend: str,
+    stratify: bool,
 ) -> dict[str, Any]:
     if backend == "auto":
         backend = "cuml" if _cuml_available() else "sklearn"
@@ -112,7 +117,8 @@ def _logreg_eval(
     train_x = np.asarray(train_x, dtype=np.float32)
     test_x = np.asarray(test_x, dtype=np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    fit_idx, val_idx = (i.numpy() for i in split_train_val(len(train_x), val_fraction, seed))
+    labels = torch.from_numpy(train_y).long() if stratify else None
+    fit_idx, val_idx = (i.numpy() for i in split_train_val(len(train_x), val_fraction, seed, labels))
 
     def scale(fit_rows: np.ndarray, *xs: np.ndarray) -> list[np.ndarray]:
         if not standardize:
@@ -125,7 +131,7 @@ def _logreg_eval(
     sweep = []
     model = None
     # ascending C with warm starts: each fit begins at the previous (more regularised) solution
-    for c in sorted(float(c) for c in cs):
+    for c in sorted(float(c) for c in cs) if len(val_idx) else []:
         if model is None or backend == "cuml":
             model = _make_model(backend, c, max_iter, warm=True)
         else:
@@ -137,7 +143,10 @@ def _logreg_eval(
         v1, _ = _accuracies(np.asarray(model.predict_proba(xv)), np.asarray(model.classes_), train_y[val_idx])
         n_iter = int(np.max(getattr(model, "n_iter_", [-1])))
         sweep.append({"C": c, "val_top1": v1, "n_iter": n_iter, "seconds": time.perf_counter() - t0})
-    best = max(sweep, key=lambda r: r["val_top1"])
+    if sweep:
+        best = max(sweep, key=lambda r: r["val_top1"])
+    else:  # nothing held out to choose on
+        best = {"C": sorted(float(c) for c in cs)[len(cs) // 2], "val_top1": float("nan")}
     xa, xt = scale(train_x, train_x, test_x)
     final = _make_model(backend, best["C"], max_iter, warm=False)
     with warnings.catch_warnings():
@@ -170,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from .common import EvalSetup
+    from .common import EvalSetup, probe_headline
 
     setup = EvalSetup.from_args(args)
     lc = setup.cfg.eval.logreg
@@ -179,19 +188,28 @@ def run(args: argparse.Namespace) -> dict:
         setup.features(args.val_dataset, args.limit_val),
     )
     t = setup.timer()
-    res = logreg_eval(
-        logreg_features(train),
-        train.labels.numpy(),
-        logreg_features(test),
-        test.labels.numpy(),
-        cs=[float(c) for c in lc.cs],
-        max_iter=int(lc.max_iter),
-        val_fraction=float(lc.val_fraction),
-        seed=int(setup.cfg.eval.seed),
-        standardize=bool(lc.standardize),
-        backend=str(lc.backend),
-        blas_threads=None if lc.blas_threads is None else int(lc.blas_threads),
-    )
+    test_x, test_y = logreg_features(test), test.labels.numpy()
+
+    def fit(tr: FeatureSet) -> dict[str, Any]:
+        return logreg_eval(
+            logreg_features(tr),
+            tr.labels.numpy(),
+            test_x,
+            test_y,
+            cs=[float(c) for c in lc.cs],
+            max_iter=int(lc.max_iter),
+            val_fraction=float(lc.val_fraction),
+            seed=int(setup.cfg.eval.seed),
+            standardize=bool(lc.standardize),
+            backend=str(lc.backend),
+            blas_threads=None if lc.blas_threads is None else int(lc.blas_threads),
+            stratify=setup.few_label,
+        )
+
+    res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
+    if few is not None:
+        return setup.finish("logreg", res, few_rows, extra={"few_label": few, "protocol_seconds": t()},
+                            train=train, test=test)
     sweep = res.pop("sweep")
     rows = [
         {

@@ -21,7 +21,7 @@ from typing import Any
 
 from .task import EXIT_REQUEUE, LaunchTask
 
-COMMANDS = ("train", "distill", "eval", "curate", "pipeline")
+COMMANDS = ("train", "distill", "eval", "curate")
 DEFAULT_JOB_DIR = "runs/_jobs"
 
 
@@ -167,9 +167,36 @@ def submit_embed_array(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 1 if failed else 0
 
 
+def validate_passthrough(command: str, passthrough: list[str]) -> int | None:
+    """Run the command's own argument and config checks here, before anything is submitted: an error in
+    the config surfaces now as one line, not minutes later in a job's log. None when valid, else the
+    exit status (nothing is submitted)."""
+    from dinolike.commands.packages import import_command
+    from dinolike.config import ConfigError
+
+    try:
+        if command in ("train", "distill"):
+            from dinolike.commands.train import validate
+        elif command == "eval":
+            validate = import_command("eval.__main__").validate
+        else:
+            validate = import_command("curation.cli").validate
+        validate([command, *passthrough] if command in ("train", "distill") else passthrough)
+    except ConfigError as e:
+        print(f"dinolike submit {command}: error: {e}; nothing submitted", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse printed the problem (or --help): nothing to submit either way
+        return 2 if e.code else 0
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, passthrough = parse_args(argv)
+    if args.entry == build_parser().get_default("entry"):  # another entry point has its own arguments
+        status = validate_passthrough(args.command, passthrough)
+        if status is not None:
+            return status
     if args.command == "curate" and passthrough[:1] == ["embed"]:
         return submit_embed_array(args, passthrough)
     try:

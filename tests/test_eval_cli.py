@@ -154,7 +154,7 @@ def test_unknown_override_and_missing_checkpoint_are_clear_errors(tmp_path, caps
     assert eval_main(["knn", "--pretrained", str(tmp_path / "nope.pth"), "--config", "vit_pico"]) == 2
     assert "not found" in capsys.readouterr().err
     assert eval_main(["knn", "--pretrained", "pixels", "--train-dataset", "mnist:train", "--no-cache"]) == 2
-    assert "cannot build dataset 'mnist:train'" in capsys.readouterr().err
+    assert "--train-dataset: unknown dataset spec 'mnist:train'" in capsys.readouterr().err  # before any work
 
 
 def test_plot_writes_png_of_expected_size(tmp_path) -> None:

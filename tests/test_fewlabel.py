@@ -71,3 +71,64 @@ def test_knn_with_few_shots_on_clustered_features_gives_the_expected_accuracy() 
     idx = few_label_indices(merged, seed=0, shots=5)
     acc = knn_eval(feats2[idx], merged[idx], test2, test_labels, ks=(20,))["k20_top1"]
     assert 84.0 <= acc <= 96.0, acc
+
+
+def test_stratified_holdout_keeps_every_class_in_the_fit_part() -> None:
+    from eval.linear import split_train_val
+
+    labels = torch.arange(10).repeat_interleave(5)  # 5 shots of 10 classes
+    fit, val = split_train_val(len(labels), 0.1, seed=0, labels=labels)
+    assert sorted(torch.cat([fit, val]).tolist()) == list(range(50))
+    assert torch.bincount(labels[val], minlength=10).tolist() == [1] * 10  # max(1, round(0.5)) per class
+    assert torch.bincount(labels[fit], minlength=10).tolist() == [4] * 10
+    fit1, val1 = split_train_val(10, 0.1, seed=0, labels=torch.arange(10))  # 1 shot: nothing to hold out
+    assert len(val1) == 0 and sorted(fit1.tolist()) == list(range(10))
+
+
+def _eval(protocol: str, tmp_path, *flags: str) -> dict:
+    from eval.__main__ import main as eval_main
+
+    out = tmp_path / f"{protocol}{'_'.join(flags)}"
+    args = [protocol, "--pretrained", "pixels", "--limit-train", "3000", "--limit-val", "500", "--no-progress",
+            "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache"), *flags]
+    assert eval_main(args) == 0
+    import json
+
+    return json.loads((out / "results.json").read_text())
+
+
+def test_few_label_flags_of_the_eval_commands_on_fashion_mnist(tmp_path) -> None:
+    full = _eval("knn", tmp_path, "eval.knn.ks=[20]")
+    few = _eval("knn", tmp_path, "--shots", "5", "--label-seeds", "3", "eval.knn.ks=[20]")
+    info = few["few_label"]
+    assert info["split"] == "5-shot" and info["seeds"] == [0, 1, 2]
+    per_seed = [r["k20_top1"] for r in info["per_seed"]]
+    assert all(r["n_labelled"] == 50 for r in info["per_seed"]) and len(set(per_seed)) > 1  # seeds differ
+    mean, sd = mean_and_spread(per_seed)
+    assert few["metrics"]["k20_top1"] == pytest.approx(mean) and few["metrics"]["k20_top1_sd"] == pytest.approx(sd)
+    # 50 labels instead of 3000: raw-pixel kNN loses a lot, but stays far above chance (10 %)
+    assert 35.0 < mean < full["metrics"]["k20_top1"] - 5.0
+    frac = _eval("knn", tmp_path, "--train-fraction", "0.1", "--label-seeds", "2", "eval.knn.ks=[20]")
+    assert frac["few_label"]["split"] == "10%"
+    assert sum(r["n_labelled"] for r in frac["few_label"]["per_seed"]) == pytest.approx(2 * 300, abs=2 * 10)
+    # 1 shot: the probes have nothing to hold out and use their grid's default, and still learn
+    for protocol in ("linear", "logreg"):
+        one = _eval(protocol, tmp_path, "--shots", "1", "--label-seeds", "2", "eval.linear.lrs=[0.01,0.1,1.0]",
+                    "eval.logreg.cs=[0.1,1.0,10.0]")
+        assert one["few_label"]["per_seed"][0]["n_labelled"] == 10
+        assert 20.0 < one["metrics"]["test_top1"] < 80.0, (protocol, one["metrics"])
+
+
+def test_bad_few_label_flags_are_one_line_errors(tmp_path, capsys) -> None:
+    from eval.__main__ import main as eval_main
+
+    base = ["knn", "--pretrained", "pixels", "--limit-train", "200", "--limit-val", "50", "--no-progress",
+            "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")]
+    for flags, message in ((["--shots", "5", "--train-fraction", "0.1"], "not both"),
+                           (["--train-fraction", "1.5"], "--train-fraction must be in (0, 1]"),
+                           (["--shots", "0"], "--shots must be >= 1"),
+                           (["--shots", "500"], "has only")):
+        assert eval_main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o" / "results.json").exists()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from dinolike.config import load_config
 from dinolike.dist import DistEnv
@@ -162,6 +163,8 @@ def _run(method: SSLMethod, batches: list[dict], reference: bool, compiled: bool
     method = copy.deepcopy(method)
     if compiled:
         # aot_eager: dynamo's graphs and AOT autograd (what inductor receives), without C++ codegen
+        torch._dynamo.reset()
+        counters.clear()
         assert compile_step_modules(method, backend="aot_eager") == 2 * (method.cfg.model.depth or 4) + 2
     groups = method.param_groups()
     if reference:
@@ -171,6 +174,11 @@ def _run(method: SSLMethod, batches: list[dict], reference: bool, compiled: bool
         opt = build_optimizer(groups, method.cfg.optim.betas, method.cfg.optim.fused)
     step = ref_step if reference else fast_step
     losses = [step(method, opt, b, s) for b, s in zip(batches, SCHED, strict=True)]
+    if compiled:
+        # 12 block calls a step (4 blocks x student global, student local, teacher global): one static graph
+        # per crop size and mode, shared by every block, and at most 2 per head call (the masked-patch rows
+        # change per batch: static, then dynamic), over both steps
+        assert counters["stats"]["unique_graphs"] <= 3 + 2 * 2, dict(counters["stats"])
     return losses, method
 
 

@@ -103,8 +103,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path: Path) -> None:
     for i in range(3):
         (folder / f"bad{i}.png").write_bytes(b"definitely not a png")
     cfg = load_config(SMOKE, [f"run.output_dir={tmp_path / 'run'}", f"data.train=folder:{tmp_path / 'imgs'}",
-                              "optim.epochs=1", "data.batch_size=16", "run.log_every=10"])
+                              "optim.epochs=1", "data.batch_size=16", "run.log_every=10",
+                              "data.max_skipped_fraction=0.1"])  # 3 of 67 files: 4.5 %, near the default 5 %
     assert train(cfg) == 0
     last = rows(tmp_path / "run")[-1]
     # 10 iterations x 16 images = 160 positions over 67 files: each bad file is met 2 or 3 times
-    assert 6 <= last["skipped"] <= 9 and last["iteration"] == 10
+    assert last["skipped_files"] == 3 and 6 <= last["skipped_draws"] <= 9 and last["iteration"] == 10

@@ -40,7 +40,8 @@ def _executor(cfg: DictConfig, stage: str, after: list[str]) -> tuple[Any, Any]:
     """(submitit executor, launcher args) for a stage: `submit.launch`, then the stage's own `launch`."""
     sub = import_command("launch.submit")
     out = Path(cfg.output_dir)
-    argv = ["pipeline", "--job-dir", str(out / "jobs"), "--job-name", f"pipeline-{stage}",
+    # the launcher's own options and checks; its COMMAND word only names the job, which --job-name does here
+    argv = ["train", "--job-dir", str(out / "jobs"), "--job-name", f"pipeline-{stage}",
             *map(str, cfg.submit.launch), *map(str, cfg[stage].launch)]
     try:
         args, rest = sub.parse_args(argv)

@@ -29,20 +29,28 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     return command, build_parser(command).parse_intermixed_args(argv[1:])
 
 
-def main(argv: list[str]) -> int:
+def validate(argv: list[str]) -> DictConfig:
+    """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
+    runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
+    from dinolike.train.validate import check_train_config
+
     command, args = parse(argv)
     overrides = list(args.overrides)
-    if command == "distill":
-        if args.teacher:
-            overrides.append(f"distill.teacher={args.teacher}")
+    if command == "distill" and args.teacher:
+        overrides.append(f"distill.teacher={args.teacher}")
+    cfg = load_config(args.config, overrides)
+    if command == "distill" and not cfg.distill.teacher:
+        raise ConfigError("give the teacher checkpoint (--teacher CKPT or distill.teacher=...)")
+    check_train_config(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0]
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = validate(argv)
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
-        return 2
-    if command == "distill" and not cfg.distill.teacher:
-        print("dinolike distill: error: give the teacher checkpoint (--teacher CKPT or distill.teacher=...)",
-              file=sys.stderr)
         return 2
     if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1:
         # the CPU recipes are made for 28 px grey-scale Fashion-MNIST: photos would silently be trained as such
@@ -50,27 +58,24 @@ def main(argv: list[str]) -> int:
               f"images cropped to {cfg.crops.global_size} px (a Fashion-MNIST recipe); for RGB images use "
               "configs/folder_vits14.yaml", file=sys.stderr)
     n_local = cfg.dist.local_processes
-    if n_local < 1:
-        print(f"dinolike {command}: error: dist.local_processes must be >= 1, got {n_local}",
-              file=sys.stderr)
-        return 2
     local_child = os.environ.get(CHILD_ENV) == "1"
     if n_local > 1 and launcher() == "single":
         status = run_local(argv, n_local)
         if status == 0 and cfg.eval.final_knn:
-            final_knn(cfg)  # once, here: the children leave it to this parent
+            return final_knn(cfg)  # once, here: the children leave it to this parent
         return status
     if n_local > 1 and not local_child:
         logging.getLogger("dinolike.train").info(
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
+    from dinolike.train.checkpoint import CheckpointWriteError, NonFiniteStateError
     from dinolike.train.collapse import CollapseError
     from dinolike.train.loop import NonFiniteLossError, train
 
     try:
         status = train(cfg)
-    except (NonFiniteLossError, CollapseError) as e:
+    except (NonFiniteLossError, NonFiniteStateError, CollapseError, CheckpointWriteError) as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:
@@ -78,7 +83,7 @@ def main(argv: list[str]) -> int:
         print(f"dinolike {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if status == 0 and cfg.eval.final_knn and not local_child:
-        final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
+        return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
 
 

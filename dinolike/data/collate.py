@@ -26,7 +26,7 @@ def _crop_major(samples: list[dict[str, Any]], key: str) -> torch.Tensor | None:
     return torch.stack([s[key][k] for k in range(n) for s in samples])
 
 
-def _empty_batch(skipped: int) -> dict[str, Any]:
+def _empty_batch(skipped: list[int]) -> dict[str, Any]:
     return {
         "global_crops": None,
         "global_crops_teacher": None,
@@ -38,7 +38,8 @@ def _empty_batch(skipped: int) -> dict[str, Any]:
         "labels": torch.zeros(0, dtype=torch.long),
         "indices": torch.zeros(0, dtype=torch.long),
         "positions": torch.zeros(0, dtype=torch.long),
-        "skipped": skipped,
+        "skipped": len(skipped),
+        "skipped_indices": skipped,
         "batch_size": 0,
     }
 
@@ -50,11 +51,13 @@ def collate_ssl(samples: list[dict[str, Any]]) -> dict[str, Any]:
     (None without local crops), all crop-major; ``masks`` bool [2B, N] (None without a mask_fn);
     ``mask_indices`` [M] = flat indices of True in ``masks.flatten()``; ``masks_weight`` [M] with
     ``w = 1 / (masked tokens of that token's crop)`` so the iBOT loss averages per crop first, then over
-    crops; ``n_masked`` = M; ``labels``, ``indices``, ``positions`` [B]; ``skipped``; ``batch_size`` = B.
+    crops; ``n_masked`` = M; ``labels``, ``indices``, ``positions`` [B]; ``skipped`` (failed samples) and
+    ``skipped_indices`` (their dataset indices, so that bad files can be counted once and named);
+    ``batch_size`` = B.
     A batch in which every sample failed comes back with ``batch_size == 0`` and None crops.
     """
     good = [s for s in samples if s.get("ok", True)]
-    skipped = len(samples) - len(good)
+    skipped = [int(s.get("index", -1)) for s in samples if not s.get("ok", True)]
     if not good:
         return _empty_batch(skipped)
     global_crops = _crop_major(good, "global_crops")
@@ -87,7 +90,8 @@ def collate_ssl(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": torch.tensor([int(s["label"]) for s in good], dtype=torch.long),
         "indices": torch.tensor([int(s.get("index", -1)) for s in good], dtype=torch.long),
         "positions": torch.tensor([int(s.get("position", -1)) for s in good], dtype=torch.long),
-        "skipped": skipped,
+        "skipped": len(skipped),
+        "skipped_indices": skipped,
         "batch_size": len(good),
     }
 

@@ -26,7 +26,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DATASET_SCHEMES",
     "build_dataset",
+    "check_readable",
     "load_image",
+    "parse_spec",
+    "read_image",
 ]
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -153,15 +156,61 @@ class FashionMNIST:
 # ------------------------------------------------------------------------------------- files on disk
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Deep images (16-bit PNG/TIFF: modes I;16*, I; float: F) scaled to 8 bits. PIL's own convert()
+    clips them at 255 instead of scaling, so a 16-bit image would train as almost white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0  # [H, W] in 0..255
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a  # [0, 1] floats, else 0..255 already
+        a = np.nan_to_num(a).clip(0, 255)
+    else:
+        return img
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+
+
+def read_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
+    """Fully decode an image as RGB (``channels=3``) or L (``channels=1``); raises on an unusable file.
+
+    Decoding happens here, so truncation surfaces now and not later inside a transform; an image above
+    PIL's pixel limit (a decompression bomb, or a header claiming 20000x20000) is refused before any
+    pixel memory is allocated: PIL itself only warns below twice its limit.
+    """
+    with Image.open(path) as img:  # reads the header only
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels is above the limit of {limit}")
+        img.load()
+        return _to_8bit(img).convert("L" if channels == 1 else "RGB")
+
+
 def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image | None:
-    """Fully decode an image as RGB (``channels=3``) or L (``channels=1``); None + warning if unreadable."""
+    """`read_image`, or None + a warning naming the file when it is unreadable (the caller counts it)."""
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now so truncation errors surface here, not later inside a transform
-            return img.convert("L" if channels == 1 else "RGB")
+        return read_image(path, channels)
     except _IMAGE_READ_ERRORS as e:
         warnings.warn(f"skipping unreadable image {os.fspath(path)}: {type(e).__name__}: {e}", stacklevel=2)
         return None
+
+
+def check_readable(paths: Sequence[str], what: str, channels: int = 3, max_probes: int = 1000, seed: int = 0) -> None:
+    """Raise DataError, naming a few files and why, when no image of ``paths`` can be decoded.
+
+    Files are probed in a seeded random order and the probe stops at the first good one (usually one
+    decode). ``max_probes`` bad files in a row out of a random sample mean far more than any tolerable
+    share of the data is unreadable, so a big dataset need not be scanned to the end."""
+    order = np.random.default_rng(seed).permutation(len(paths))[:max_probes]
+    errors = []
+    for i in order:
+        try:
+            read_image(paths[i], channels)
+            return
+        except _IMAGE_READ_ERRORS as e:
+            if len(errors) < 3:
+                errors.append(f"{paths[i]} ({type(e).__name__}: {e})")
+    probed = "" if len(order) == len(paths) else f"{len(order)} randomly probed of "
+    raise DataError(f"{what}: none of {probed}its {len(paths)} image files can be read, e.g. {'; '.join(errors)}")
 
 
 class _FileDataset:
@@ -277,6 +326,24 @@ class Manifest(_FileDataset):
 # -------------------------------------------------------------------------------------------- specs
 
 
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``scheme:rest`` of a dataset spec, checked without touching the disk (so configs can be validated
+    before a job is submitted to machines that may see other files). Raises ValueError."""
+    scheme, sep, rest = str(spec).partition(":")
+    if scheme not in DATASET_SCHEMES or not sep:
+        raise ValueError(
+            f"unknown dataset spec {spec!r}; valid forms: fmnist:train, fmnist:test, fmnist:<split>:<root>, "
+            f"folder:<path>, folder-nolabels:<path>, manifest:<file> (schemes: {', '.join(DATASET_SCHEMES)})"
+        )
+    if scheme == "fmnist":
+        split = rest.partition(":")[0]
+        if split not in _FMNIST_FILES:
+            raise ValueError(f"dataset spec {spec!r}: Fashion-MNIST split must be one of {sorted(_FMNIST_FILES)}")
+    elif not rest:
+        raise ValueError(f"dataset spec {spec!r} is missing a path after '{scheme}:'")
+    return scheme, rest
+
+
 def build_dataset(
     spec: str, channels: int | None = None, limit: int | None = None
 ) -> FashionMNIST | ImageFolder | Manifest:
@@ -286,17 +353,10 @@ def build_dataset(
     ``folder-nolabels:/path``, ``manifest:/path/list.txt``. ``channels`` defaults to 1 for Fashion-MNIST
     and 3 for files on disk.
     """
-    scheme, sep, rest = spec.partition(":")
-    if scheme not in DATASET_SCHEMES or not sep:
-        raise ValueError(
-            f"unknown dataset spec {spec!r}; valid forms: fmnist:train, fmnist:test, fmnist:<split>:<root>, "
-            f"folder:<path>, folder-nolabels:<path>, manifest:<file> (schemes: {', '.join(DATASET_SCHEMES)})"
-        )
+    scheme, rest = parse_spec(spec)
     if scheme == "fmnist":
         split, _, root = rest.partition(":")
         return FashionMNIST(root or FMNIST_ROOT, split=split, limit=limit, channels=channels or 1)
-    if not rest:
-        raise ValueError(f"dataset spec {spec!r} is missing a path after '{scheme}:'")
     if scheme == "manifest":
         return Manifest(rest, channels=channels or 3, limit=limit)
     return ImageFolder(rest, labels=(scheme == "folder"), channels=channels or 3, limit=limit)

@@ -60,6 +60,11 @@ class FeatureSet:
             parts.append(self.patch_mean)  # [N, D]
         return torch.cat(parts, dim=1).float()
 
+    def subset(self, idx: Tensor) -> FeatureSet:
+        """The rows `idx` [M] of this set (a few-label split of the labelled train features)."""
+        pm = None if self.patch_mean is None else self.patch_mean[idx]
+        return FeatureSet(self.cls[idx], pm, self.labels[idx], 0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "cls": self.cls,

@@ -9,9 +9,10 @@ mis-shaped key is an error that names it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,15 +99,51 @@ def infer_backbone_cfg(state: Mapping[str, Tensor]) -> dict[str, Any]:
     }
 
 
+def state_leaves(obj: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted name, leaf) pairs of a nested state in a canonical order: dict keys sorted, lists and tuples
+    alike (the weights-only loader may give back a list where a tuple was saved)."""
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from state_leaves(obj[k], f"{name}.{k}" if name else str(k))
+    elif isinstance(obj, list | tuple) and all(isinstance(v, int | float | str | bool) for v in obj):
+        yield name, list(obj)  # e.g. an RNG state, 625 integers: one leaf, not 625
+    elif isinstance(obj, list | tuple):
+        yield f"{name}#len", len(obj)
+        for i, v in enumerate(obj):
+            yield from state_leaves(v, f"{name}.{i}")
+    else:
+        yield name, obj
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of every tensor and the repr of every other value of a
+    training checkpoint (its `checksum` entry excluded). torch.load does not notice a flipped byte inside
+    a tensor, it returns the wrong number: this does."""
+    h = hashlib.sha256()
+    for name, leaf in state_leaves({k: v for k, v in state.items() if k != "checksum"}):
+        if isinstance(leaf, Tensor):
+            t = leaf.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, any dtype (bf16 too)
+        else:
+            h.update(f"{name}={type(leaf).__name__}:{leaf!r};".encode())
+    return h.hexdigest()
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True and an error that says what went wrong with the file."""
+    """torch.load with weights_only=True and an error that says what went wrong with the file; a training
+    checkpoint's checksum is verified."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(ckpt, dict) and "checksum" in ckpt and ckpt["checksum"] != state_checksum(ckpt):
+        raise CheckpointMismatchError(f"{path} fails its checksum: the file was damaged after it was written")
+    return ckpt
 
 
 def backbone_state_and_cfg(path: str | Path, which: str = "teacher") -> tuple[dict[str, Tensor], dict | None]:

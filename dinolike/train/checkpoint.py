@@ -1,13 +1,22 @@
-"""Atomic checkpoints (temp file + rename, keep the last K) and everything exact resume needs.
+"""Atomic, checksummed checkpoints (temp file + rename, keep the last K) and everything exact resume needs.
 
 A checkpoint holds the method's state (student, teacher, centres), the optimizer, the iteration, the RNG
 states and the merged config. Data order and augmentations are functions of (seed, sample position), so
 the iteration alone tells where the data stream resumes.
+
+Integrity, because a checkpoint is the only copy of days of compute:
+- `checksum` is a SHA-256 over every tensor and value of the state; torch.load does not notice a flipped
+  byte inside a tensor (it loads the wrong number), so the digest is recomputed on every load.
+- a checkpoint with NaN/inf weights is never written: the previous, good one stays the newest.
+- a new checkpoint is read back and verified before any older one is deleted (keep_last).
+- resume walks back from the newest checkpoint to the newest intact one; damaged files are renamed to
+  `*.damaged` (kept for inspection, out of the way of resume and of keep_last).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -16,20 +25,41 @@ from typing import Any
 
 import torch
 
-from dinolike.models.load import CheckpointMismatchError
+from dinolike.models.load import CheckpointMismatchError, state_checksum, state_leaves
+
+log = logging.getLogger("dinolike.train")
 
 _NAME = re.compile(r"ckpt_(\d{7,})\.pt$")
+_TEMP = re.compile(r"\.ckpt_\d{7,}\.pt\.tmp\d+$")
+DAMAGED_SUFFIX = ".damaged"
+
+
+class DamagedCheckpointError(CheckpointMismatchError):
+    """A checkpoint file that cannot be read, is not a training checkpoint, or fails its checksum."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is untouched."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The state to checkpoint holds NaN/inf weights; it is refused so the last good checkpoint stays newest."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact."""
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact.
+    A failed write (e.g. ENOSPC) removes its temp file, so a full disk is not made fuller."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,8 +84,15 @@ def checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
     return ckpt_dir / f"ckpt_{iteration:07d}.pt"
 
 
+def _iteration_of(path: Path) -> int:
+    m = _NAME.match(path.name)
+    if m is None:
+        raise ValueError(f"not a checkpoint name: {path.name}")
+    return int(m.group(1))
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp files never match the name pattern)."""
+    """Checkpoint files, oldest first (temp files and quarantined `.damaged` ones never match the name)."""
     if not ckpt_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
@@ -75,23 +112,106 @@ def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
     return p
 
 
+# ------------------------------------------------------------------------------------------ checksum
+
+
+def non_finite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names of floating-point tensors in `tree` holding NaN or inf."""
+    return [name for name, leaf in state_leaves(tree, prefix)
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and not torch.isfinite(leaf).all()]
+
+
+# ------------------------------------------------------------------------------------ save and load
+
+
 def save_checkpoint(ckpt_dir: Path, iteration: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Write, verify by reading back, and only then delete checkpoints beyond the newest `keep_last`.
+
+    Raises NonFiniteStateError (nothing written) or CheckpointWriteError (older checkpoints untouched)."""
     path = checkpoint_path(ckpt_dir, iteration)
-    atomic_save(state, path)
-    for old in list_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+    previous = [p for p in list_checkpoints(ckpt_dir) if _iteration_of(p) < iteration]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+    bad = non_finite_tensors(state.get("model", {}), "model")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise NonFiniteStateError(f"refused to checkpoint iteration {iteration}: {bad[0]} holds NaN/inf{more}; "
+                                  f"{kept}")
+    try:
+        atomic_save({**state, "checksum": state_checksum(state)}, path)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e.strerror or e}; {kept}") from None
+    try:
+        try:
+            load_checkpoint(path, mmap=True)  # what a resume would read, from the file just written
+        except DamagedCheckpointError:
+            load_checkpoint(path)  # a filesystem that cannot mmap: read it plainly before calling it damaged
+    except DamagedCheckpointError as e:
+        _quarantine(path)
+        raise CheckpointWriteError(f"checkpoint {path} did not read back intact ({e}); {kept}") from None
+    if keep_last > 0:
+        # only checkpoints up to this one take part: a newer file (left by an earlier run) never
+        # pushes out the checkpoint just written
+        for old in [*previous, path][:-keep_last]:
+            old.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """Load (weights only) and verify a training checkpoint; DamagedCheckpointError names the file and why.
+    Checkpoints written before checksums existed are accepted on their structure alone."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - named file, readable reason
-        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        # the first sentence: torch appends a paragraph of advice; an empty file raises a bare EOFError
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e).strip() else "the file is empty or cut short"
+        raise DamagedCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise DamagedCheckpointError(f"{path} is not a dinolike training checkpoint (holds a {type(ckpt).__name__})")
     for key in ("model", "optimizer", "iteration", "config"):
         if key not in ckpt:
-            raise CheckpointMismatchError(f"{path} is not a dinolike training checkpoint (no '{key}')")
+            raise DamagedCheckpointError(f"{path} is not a dinolike training checkpoint (no '{key}')")
+    if "checksum" in ckpt and ckpt["checksum"] != state_checksum(ckpt):
+        raise DamagedCheckpointError(f"{path} fails its checksum: the file was damaged after it was written")
     return ckpt
+
+
+def _quarantine(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the way (kept for inspection, never loaded or counted again)."""
+    target = path.with_name(path.name + DAMAGED_SUFFIX)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another rank moved it first
+        pass
+    return target
+
+
+def newest_intact(ckpt_dir: Path, main: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads and verifies, and its content; None when there is none at all.
+
+    Every rank walks back the same way (the files decide); rank 0 (`main`) warns, naming each damaged
+    file, renames it to `*.damaged` and removes temp files of writes that a crash interrupted. When
+    checkpoints exist but none is intact: DamagedCheckpointError, since silently training from scratch
+    would discard the run."""
+    if main and ckpt_dir.is_dir():
+        for tmp in ckpt_dir.iterdir():
+            if _TEMP.match(tmp.name):
+                log.warning("removing %s: a checkpoint write that a crash interrupted", tmp)
+                tmp.unlink(missing_ok=True)
+    damaged: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            ckpt = load_checkpoint(path)
+        except DamagedCheckpointError as e:
+            damaged.append((path, str(e)))
+            continue
+        for bad, why in damaged if main else []:
+            where = _quarantine(bad).name
+            log.warning("%s; resuming from %s instead (the damaged file is kept as %s)", why, path.name, where)
+        return path, ckpt
+    if damaged:  # left in place: every rerun stops here until someone looks
+        raise DamagedCheckpointError(f"no intact checkpoint in {ckpt_dir}: " + "; ".join(why for _, why in damaged)
+                                     + "; move the folder away to start from scratch")
+    return None
 
 
 def config_json(cfg_container: dict) -> str:

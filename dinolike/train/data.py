@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader
 from dinolike import dist
 from dinolike.data.augment import MultiCropAugmentation
 from dinolike.data.collate import build_ssl_loader
-from dinolike.data.datasets import build_dataset
+from dinolike.data.datasets import build_dataset, check_readable
 from dinolike.data.masking import MaskSampler
 from dinolike.data.positions import SSLDataset
+from dinolike.train.skips import SkipGuard
 
 
 def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
@@ -35,8 +36,13 @@ def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
 
 
 def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) -> DataLoader:
-    """Batches of global positions start_position, start_position + 1, ...: the position is the state."""
+    """Batches of global positions start_position, start_position + 1, ...: the position is the state.
+
+    Files on disk are probed first: a dataset without one readable image fails here, before training,
+    instead of "training" on empty batches and exporting an untrained model."""
     base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit)
+    if getattr(base, "paths", None) is not None:
+        check_readable(base.paths, cfg.data.train, cfg.data.channels, seed=cfg.run.seed)
     grid = cfg.crops.global_size // cfg.model.patch_size
     masks = MaskSampler((grid, grid), cfg.masking.probability, tuple(cfg.masking.ratio))
     ds = SSLDataset(base, build_augmentation(cfg), seed=cfg.run.seed, mask_fn=masks)
@@ -49,3 +55,13 @@ def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) 
         world_size=env.world_size,
         pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
     )
+
+
+def build_skip_guard(cfg: DictConfig, loader: DataLoader) -> SkipGuard:
+    """The unreadable-image limit of this run; the window is never longer than one pass over the data,
+    so a small dataset is judged on (about) each of its files once."""
+    base = loader.dataset.base
+    paths = getattr(base, "paths", None)
+    window = cfg.data.skip_window
+    return SkipGuard(cfg.data.max_skipped_fraction, window, min(window, len(base)),
+                     name_of=(lambda i: paths[i]) if paths is not None else (lambda i: f"item {i}"))

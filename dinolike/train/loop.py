@@ -23,12 +23,13 @@ from dinolike.config import to_container
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.train import checkpoint as ck
 from dinolike.train.collapse import CollapseWatch
-from dinolike.train.data import build_train_loader
+from dinolike.train.data import build_skip_guard, build_train_loader
 from dinolike.train.export import export_backbone
 from dinolike.train.method import Method
 from dinolike.train.optim import build_optimizer
 from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.train.schedules import build_schedules
+from dinolike.train.skips import SkipGuard
 from dinolike.train.step import train_step
 from dinolike.train.tracking import Tracker, print_outputs
 
@@ -64,20 +65,19 @@ def _check_finite(it: int, metrics: dict[str, torch.Tensor], reduce: bool = True
             )
 
 
-def _global_window(window: dict[str, torch.Tensor], n: int, images: int, skipped: int,
-                   device: torch.device) -> tuple[dict[str, float], int, int]:
-    """Window means of the metrics averaged over ranks, and image / skip counts summed over ranks.
+def _global_window(window: dict[str, torch.Tensor], n: int, images: int,
+                   device: torch.device) -> tuple[dict[str, float], int]:
+    """Window means of the metrics averaged over ranks, and the image count summed over ranks.
 
     Each rank's loss is the mean over its slice of the global batch, so with equal slices the rank
     average is the loss of the global batch: the logged curve does not depend on the world size.
     """
     names = sorted(window)
     local = torch.stack([window[k].detach().double().reshape(()).to(device) / n for k in names]
-                        + [torch.tensor(float(images), dtype=torch.float64, device=device),
-                           torch.tensor(float(skipped), dtype=torch.float64, device=device)])  # [n + 2]
+                        + [torch.tensor(float(images), dtype=torch.float64, device=device)])  # [n + 1]
     total = dist.all_reduce_sum(local).tolist()
     world = torch.distributed.get_world_size() if dist.is_enabled() else 1
-    return {k: v / world for k, v in zip(names, total, strict=False)}, int(total[-2]), int(total[-1])
+    return {k: v / world for k, v in zip(names, total, strict=False)}, int(total[-1])
 
 
 def _any_rank_empty(batch: dict) -> bool:
@@ -86,7 +86,7 @@ def _any_rank_empty(batch: dict) -> bool:
     return bool(dist.host_all_reduce_max([int(batch["batch_size"] == 0)])[0])
 
 
-def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConfig) -> dict:
+def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConfig, skips: SkipGuard) -> dict:
     """Collective under FSDP (shards are gathered to rank 0): every rank calls, rank 0 saves."""
     return {
         "model": {k: fsdp.model_state(v) for k, v in method.checkpointed_parts().items()},
@@ -95,6 +95,7 @@ def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConf
         "config": ck.config_json(to_container(cfg)),
         "rng": ck.rng_state(),  # rank 0's
         "rng_ranks": dist.all_gather_objects(ck.rng_state()),  # every rank's (drop path differs per rank)
+        "skips": skips.state_dict(),  # unreadable-image counts of the run so far (collective)
     }
 
 
@@ -149,14 +150,14 @@ def train(cfg: DictConfig) -> int:
     global_batch = cfg.data.batch_size * env.world_size
     sched = build_schedules(cfg, global_batch)
 
-    start = 0
-    resume_from = ck.list_checkpoints(ckpt_dir)[-1:] if cfg.run.resume else []
+    start, skip_state = 0, None
+    resume_from = ck.newest_intact(ckpt_dir, main=env.is_main) if cfg.run.resume else None  # walks back past damage
     if resume_from:
-        ckpt = ck.load_checkpoint(resume_from[0])
-        _restore(method, opt, ckpt, resume_from[0])
-        start = ckpt["iteration"]
+        path, ckpt = resume_from
+        _restore(method, opt, ckpt, path)
+        start, skip_state = ckpt["iteration"], ckpt.get("skips")
         _restore_rng(ckpt, env, cfg.run.seed, start)
-        log.info("resumed from %s at iteration %d", resume_from[0], start)
+        log.info("resumed from %s at iteration %d", path, start)
     elif cfg.run.init_from:
         src = ck.resolve_checkpoint(cfg.run.init_from, what="run.init_from")
         ckpt = ck.load_checkpoint(src)
@@ -174,12 +175,14 @@ def train(cfg: DictConfig) -> int:
         return 0
 
     loader = build_train_loader(cfg, env, start_position=start * global_batch)
+    skips = build_skip_guard(cfg, loader)
+    skips.load_state_dict(skip_state)
     stop = StopFlag(cfg.run.time_limit_min).install()
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None
     tracker = Tracker(cfg, out, env.is_main)  # log.txt, TensorBoard, wandb
     bar = _progress(cfg, env, start, sched.total)
     window: dict[str, float] = {}
-    n_window, skipped, t_window, imgs_window = 0, 0, time.perf_counter(), 0
+    n_window, t_window, imgs_window = 0, time.perf_counter(), 0
     it = start
     clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
@@ -188,13 +191,15 @@ def train(cfg: DictConfig) -> int:
         for batch in loader:
             if it >= sched.total:
                 break
-            skipped += batch["skipped"]
             if (batch["batch_size"] == 0 if not env.enabled else _any_rank_empty(batch)):
                 # every image of a batch was unreadable: the step is skipped (on every rank), and the
                 # readable images of the other ranks are counted as skipped too
-                skipped += batch["batch_size"]
+                skips.add(batch, unused=batch["batch_size"])
                 it += 1
+                if it % cfg.run.log_every == 0:
+                    skips.check(it)  # empty batches must not run on silently to the end
                 continue
+            skips.add(batch)
             batch = method.to_device(batch, env.device)
             s = sched.at(it)
             # the finite check is a sync (over ranks too): every step on CPU, at log time on GPU
@@ -209,9 +214,9 @@ def train(cfg: DictConfig) -> int:
             if bar is not None:
                 bar.update(1)
             if it % cfg.run.log_every == 0 or it == sched.total:
-                row, imgs, skipped_all = _global_window(window, n_window, imgs_window, skipped, env.device)
+                row, imgs = _global_window(window, n_window, imgs_window, env.device)
                 dt = time.perf_counter() - t_window
-                row.update(iteration=it, img_per_s=imgs / dt, skipped=skipped_all,
+                row.update(iteration=it, img_per_s=imgs / dt, **skips.check(it),
                            **{k: s[k] for k in ("lr", "wd", "momentum", "teacher_temp")})
                 row.update(method.periodic_eval(it, cfg, env))  # every rank: feature extraction is sharded
                 _check_finite(it, {k: torch.tensor(row[k]) for k in metrics}, reduce=False)
@@ -227,11 +232,12 @@ def train(cfg: DictConfig) -> int:
             reason = _agreed_stop(stop, it, cfg.run.log_every)
             periodic = it % cfg.run.checkpoint_every == 0 and not watch.suspect  # no checkpoint of a collapse
             if periodic or it == sched.total or reason:
-                last_ckpt = [_save(method, opt, it, cfg, ckpt_dir, env)]
+                last_ckpt = [_save(method, opt, it, cfg, ckpt_dir, env, skips)]
             if reason:
+                _export(method, cfg, out, env)  # a stopped run still leaves the teacher of this iteration
                 if env.is_main:
-                    print(f"\nstopped at iteration {it} ({reason}); checkpoint saved, run again to continue",
-                          file=sys.stderr)
+                    print(f"\nstopped at iteration {it} ({reason}); checkpoint saved and teacher of iteration {it} "
+                          "exported, run again to continue", file=sys.stderr)
                 return EXIT_REQUEUE if reason != "time_limit" else 0
     finally:
         stop.uninstall()
@@ -262,8 +268,9 @@ def _agreed_stop(stop: StopFlag, it: int, every: int) -> str | None:
     return stop.requested if flag.item() else None
 
 
-def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv) -> Path:
-    state = _state(method, opt, it, cfg)
+def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv,
+          skips: SkipGuard) -> Path:
+    state = _state(method, opt, it, cfg, skips)
     if env.is_main:
         ck.save_checkpoint(ckpt_dir, it, state, cfg.run.keep_last)
     dist.barrier()

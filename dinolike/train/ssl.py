@@ -38,16 +38,28 @@ def compile_step_modules(root: nn.Module, **compile_kwargs) -> int:
 
     `module.compile()` keeps the module (and so the state-dict keys, FSDP units and EMA pairing) and
     only swaps its call for the compiled one; the glue between them (crop lists, masks, losses) stays
-    eager, so a change of crop size or mask count recompiles a block, not the step. Returns the number
-    of modules compiled.
+    eager. Blocks compile with static shapes: one specialised graph per crop size and mode (student
+    global, student local, teacher global), which every block of the same width reuses, so depth costs
+    no compile time and the second crop size does not turn the first graph symbolic (torch's default
+    recompiles with dynamic shapes on a second size). Heads keep torch's automatic dynamic shapes: their
+    rows (CLS + masked patches) change every batch, and a static head would recompile each time. The
+    recompile limit per code object (8 by default, past which dynamo silently runs eager) is raised to
+    8 per distinct module shape, since students of several widths share `Block.forward`. Returns the
+    number of modules compiled.
     """
+    import torch._dynamo.config as dynamo_config
+
     from dinolike.layers import Block
 
-    n = 0
+    n, shapes = 0, set()
     for m in root.modules():
         if isinstance(m, (Block, DINOHead)):
-            m.compile(**compile_kwargs)
+            kwargs = ({"dynamic": False} if isinstance(m, Block) else {}) | compile_kwargs
+            m.compile(**kwargs)
+            shapes.add((type(m), tuple(tuple(p.shape) for p in m.parameters())))
             n += 1
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 8 * len(shapes)))
     return n
 
 

@@ -1,0 +1,267 @@
+"""`dinolike bench --config FILE [key=value ...]`: time the real training step.
+
+It runs the loop's own `train_step` (dinolike/train/step.py), so what is timed is what trains, three ways:
+- phase by phase, the device synced around each phase: a step-time breakdown (data, teacher forward,
+  student forward + losses, backward, optimizer with the gradient clip, EMA), alternating iteration by
+  iteration with the "pure" reference (student backbone forward/backward plus teacher backbone forward
+  on the same batch, no heads or losses), so the overhead of everything else is one number:
+  `overhead_ratio`, the ratio of their fastest iterations (on a machine shared with other jobs, load
+  only slows things down, so the fastest of alternating runs is the least disturbed one of each);
+- back to back with no sync inside (`img_per_s`): the rate training runs at, the syncs of the breakdown
+  cost a GPU its overlap of launches and kernels;
+- with real data (no `--synthetic`): the loader alone, the step alone on one on-device batch, and the
+  two together, and which of them is the bottleneck.
+Also: peak memory, model FLOPs (fvcore for the dense layers, attention counted here), MFU against the
+best matmul of several sizes measured on the same device in the same run, and the SDPA kernel that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from dinolike.bench.batches import loader_img_per_s, steps_img_per_s, synthetic_batch
+from dinolike.bench.device import (
+    PEAK_SIZES,
+    SDPA_CHOICES,
+    attention_kernel_that_ran,
+    peak_matmul_flops,
+    sdpa_context,
+    sync,
+    timed,
+)
+from dinolike.bench.flops import step_flops
+from dinolike.config import ConfigError, load_config
+
+
+def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False, sdpa: str = "auto") -> dict:
+    """Time `train_step` (the loop's own step) phase by phase, and the pure-backbone reference beside it;
+    then its img/s without per-phase syncs, and with real data the loader alone and the two together."""
+    from dinolike import dist
+    from dinolike.train.data import build_train_loader
+    from dinolike.train.loop import build_method
+    from dinolike.train.method import untimed
+    from dinolike.train.optim import build_optimizer
+    from dinolike.train.schedules import build_schedules
+    from dinolike.train.ssl import compile_step_modules
+    from dinolike.train.step import train_step
+
+    if iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {iters}")
+    env = dist.init_distributed(cfg.run.device)
+    dev = env.device
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg).to(dev)
+    method.prepare_distributed(env)
+    if cfg.run.compile:
+        compile_step_modules(method)
+    opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
+    clip_groups = method.grad_clip_groups()  # as the loop: distillation clips per student
+    sched = build_schedules(cfg, cfg.data.batch_size * env.world_size)
+    if synthetic:  # made on the device once; every step gets the same tensors (no host work per step)
+        batches: Iterator[dict] = itertools.repeat(synthetic_batch(cfg, cfg.data.batch_size, dev, cfg.run.seed))
+    else:
+        batches = (method.to_device(b, dev) for b in build_train_loader(cfg, env, start_position=0))
+
+    def step(batch: dict, i: int, phase=untimed) -> None:
+        train_step(method, opt, batch, sched.at(i), dev, clip_groups, phase=phase)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with sdpa_context(sdpa):
+        result = _phase_breakdown(method, step, batches, iters, warmup, dev, cfg)
+        batch = result.pop("last_batch")
+        # the same on-device batch over and over: the step's own rate, whatever feeds it
+        step_rate = steps_img_per_s(lambda b, i: step(b, warmup + iters + i), itertools.repeat(batch), iters, dev)
+        result["img_per_s"] = step_rate
+        if not synthetic:
+            loader = iter(build_train_loader(cfg, env, start_position=0))
+            loader_rate = loader_img_per_s(loader, iters)
+            del loader  # its workers end here
+            both = steps_img_per_s(lambda b, i: step(b, warmup + 2 * iters + i), batches, iters, dev)
+            result.update(img_per_s=both, step_img_per_s=step_rate, loader_img_per_s=loader_rate,
+                          bottleneck="loader" if loader_rate < step_rate else "step")
+        result["attention_kernel"] = _attention_kernel(method, cfg, dev)
+    result.update(
+        device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        arch=cfg.model.arch,
+        compiled=bool(cfg.run.compile),
+        sdpa=sdpa,
+        data="synthetic (on the device, made once)" if synthetic else cfg.data.train,
+        batch_size=cfg.data.batch_size,
+        iters=iters,
+    )
+    if dev.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    else:
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def _phase_breakdown(method, step, batches: Iterator[dict], iters: int, warmup: int, dev: torch.device,
+                     cfg: DictConfig) -> dict:
+    """Phase times of the step (synced around each phase), alternating with the pure-backbone reference,
+    and the FLOPs / MFU of the step. Returns the result fields and the last batch (`last_batch`)."""
+    from dinolike.train.ssl import SSLMethod
+
+    acc: dict[str, float] = defaultdict(float)
+    n_img = 0
+    is_ssl = isinstance(method, SSLMethod)  # the pure-backbone reference and FLOPs are written for one student
+    full_s: list[float] = []  # per measured iteration, without data loading
+    pure_s: list[float] = []
+    for i in range(warmup + iters):
+        if i == warmup:
+            acc.clear()
+            n_img = 0
+        it_acc: dict[str, float] = defaultdict(float)
+        with timed(it_acc, "data", dev):
+            batch = next(batches)
+        step(batch, i, phase=lambda name, it_acc=it_acc: timed(it_acc, name, dev))
+        pure = _pure_backbones(method, batch, dev, cfg) if is_ssl else None  # same batch, same moment
+        if i < warmup:
+            continue
+        for k, v in it_acc.items():
+            acc[k] += v
+        full_s.append(sum(it_acc.values()) - it_acc["data"])
+        if pure is not None:
+            pure_s.append(pure)
+        n_img += batch["batch_size"]
+    compute_s = sum(full_s) / iters
+    result = {
+        "last_batch": batch,
+        "img_per_s_phase_timed": n_img / sum(acc.values()),
+        "step_ms": 1e3 * sum(acc.values()) / iters,
+        "breakdown_ms": {k: 1e3 * v / iters for k, v in acc.items()},
+    }
+    if is_ssl:
+        pure_mean = sum(pure_s) / iters
+        result.update(
+            pure_backbones_ms=1e3 * pure_mean,
+            # everything beyond the backbones: heads, Sinkhorn, losses (forward and backward), clip,
+            # optimizer, EMA, python
+            overhead_ms=1e3 * (compute_s - pure_mean),
+            overhead_ratio=min(full_s) / min(pure_s),
+            overhead_ratio_median_of_pairs=statistics.median(f / p for f, p in zip(full_s, pure_s, strict=True)),
+            overhead_ratio_of_means=compute_s / pure_mean,
+        )
+        flops = step_flops(method, batch)
+        dtype = torch.bfloat16 if dev.type == "cuda" and cfg.dist.mixed_precision == "bf16" else torch.float32
+        sizes = PEAK_SIZES.get(dev.type, PEAK_SIZES["cpu"])
+        peak, peak_n = peak_matmul_flops(dev, dtype, sizes)
+        achieved = flops / compute_s
+        result.update(
+            model_tflop_per_step=flops / 1e12,
+            achieved_tflops=achieved / 1e12,
+            peak_matmul_tflops=peak / 1e12,
+            peak_matmul=f"{peak_n}^3 {str(dtype).replace('torch.', '')}, best of n in {sizes}",
+            mfu=achieved / peak,
+        )
+    return result
+
+
+def _attention_kernel(method: torch.nn.Module, cfg: DictConfig, dev: torch.device) -> str:
+    """The SDPA kernel family one attention layer of the model dispatches to at the global crop size."""
+    from dinolike.layers import Attention
+    from dinolike.train.step import autocast
+
+    attn = next(m for m in method.modules() if isinstance(m, Attention))
+    n_tokens = 1 + (cfg.crops.global_size // cfg.model.patch_size) ** 2
+    tokens = torch.randn(2, n_tokens, attn.qkv.in_features, device=dev)  # [2, N, D]
+    return attention_kernel_that_ran(attn, tokens, autocast(dev, cfg))
+
+
+def _pure_backbones(method, batch: dict, dev: torch.device, cfg: DictConfig) -> float:
+    """Seconds of backbones only (no heads, losses, targets, optimizer, EMA): the floor the full step is
+    judged by. Leaves no gradient behind (the next step starts with zero_grad anyway)."""
+    from dinolike.train.step import autocast
+
+    s_bb, t_bb = method.student["backbone"], method.teacher["backbone"]
+    crops = [batch["global_crops"]] + ([batch["local_crops"]] if batch["local_crops"] is not None else [])
+    masks = [batch["masks"]] + [None] * (len(crops) - 1)
+    sync(dev)
+    t = time.perf_counter()
+    with autocast(dev, cfg):
+        with torch.no_grad():
+            t_bb.forward_features(batch["global_crops_teacher"])
+        outs = s_bb.forward_features(crops, masks=masks)
+        # a stand-in scalar (not a loss): backward through the backbone is what is timed
+        token_sum = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
+    token_sum.backward()
+    sync(dev)
+    elapsed = time.perf_counter() - t
+    s_bb.zero_grad(set_to_none=True)
+    return elapsed
+
+
+MARKDOWN_HEADER = (
+    "| config | arch | batch | compiled | step ms | pure backbones ms | overhead ratio | img/s | MFU |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_row(name: str, res: dict) -> str:
+    """One BENCHMARKS.md row (columns of MARKDOWN_HEADER)."""
+    pure = res.get("pure_backbones_ms")
+    ratio = res.get("overhead_ratio")
+    mfu = res.get("mfu")
+    return (
+        f"| {name} | {res['arch']} | {res['batch_size']} | {'yes' if res['compiled'] else 'no'} "
+        f"| {res['step_ms']:.0f} | {'-' if pure is None else f'{pure:.0f}'} "
+        f"| {'-' if ratio is None else f'{ratio:.3f}'} | {res['img_per_s']:.1f} "
+        f"| {'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinolike bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="recipe yaml whose step is timed")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (allocator, kernels)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random crops and masks made on the device once, no data pipeline")
+    p.add_argument("--sdpa", choices=SDPA_CHOICES, default="auto",
+                   help="SDPA kernel: torch's choice (auto) or only this one (an error where it cannot run)")
+    p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--json", help="also write the result here")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow options (scripts append)
+    if args.iters < 1 or args.warmup < 0:
+        print("dinolike bench: error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, ["run.progress=false", *args.overrides])
+    except ConfigError as e:
+        print(f"dinolike bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = run_bench(cfg, args.iters, args.warmup, synthetic=args.synthetic, sdpa=args.sdpa)
+    res["threads"] = torch.get_num_threads()
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.markdown:
+        print(MARKDOWN_HEADER)
+        print(markdown_row(args.config, res))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

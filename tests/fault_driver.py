@@ -1,0 +1,94 @@
+"""`dinolike train` with one injected fault: the fault-injection suite's stand-in for a machine that dies.
+
+    python tests/fault_driver.py [--kill PHASE@ITERATION] -- TRAIN ARGS
+
+The process SIGKILLs itself (what `kill -9` or the OOM killer does: no handler, no cleanup) at PHASE of
+step ITERATION (0-based: the step that completes iteration ITERATION + 1):
+  forward        before the forward pass
+  step           after the optimizer step, before the teacher's EMA update
+  write-mid      half of checkpoint ITERATION written to its temp file (fsynced)
+  before-rename  the temp file complete and fsynced, not yet renamed
+  after-rename   renamed into place, older checkpoints not yet pruned
+(for the three write phases ITERATION is the checkpoint's iteration number, ckpt_ITERATION.pt).
+The hooks sit on the method interface and on torch.save / os.replace, so they follow the loop wherever
+its code moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+PHASES = ("forward", "step", "write-mid", "before-rename", "after-rename")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(phase: str, at: int, batch_size: int) -> None:
+    from dinolike.train.ssl import SSLMethod
+
+    current = {"it": -1}
+    real_forward, real_after = SSLMethod.forward_loss, SSLMethod.after_step
+    real_save, real_replace = torch.save, os.replace
+    target = f"ckpt_{at:07d}.pt"
+
+    def forward_loss(self, batch, sched, *step_phase):
+        current["it"] = int(batch["positions"][0]) // batch_size  # one process: position = it * B + j
+        if phase == "forward" and current["it"] == at:
+            die()
+        return real_forward(self, batch, sched, *step_phase)
+
+    def after_step(self, sched):
+        if phase == "step" and current["it"] == at:
+            die()
+        return real_after(self, sched)
+
+    def save(obj, f, *args, **kwargs):
+        if phase == "write-mid" and Path(getattr(f, "name", "")).name.startswith(f".{target}.tmp"):
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            die()
+        return real_save(obj, f, *args, **kwargs)
+
+    def replace(src, dst):
+        hit = Path(dst).name == target
+        if hit and phase == "before-rename":
+            die()
+        real_replace(src, dst)
+        if hit and phase == "after-rename":
+            die()
+
+    SSLMethod.forward_loss, SSLMethod.after_step = forward_loss, after_step
+    torch.save, os.replace = save, replace
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--kill", default=None, help="PHASE@ITERATION")
+    own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = p.parse_args(own)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from dinolike.commands import train as cli
+
+    if args.kill:
+        phase, at = args.kill.split("@")
+        assert phase in PHASES, phase
+        cfg = cli.validate(["train", *train_args])
+        install(phase, int(at), cfg.data.batch_size)
+    return cli.main(["train", *train_args])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
