@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
     "submit": ("launch.__main__", "submit a job to SLURM through submitit"),
     "curate": ("curation.__main__", "curation steps: embed | dedup | retrieve | sample | build"),
+    "pipeline": ("dinolike.commands.pipeline", "the whole flow: curate -> pretrain -> highres -> distill -> eval"),
 }
 
 

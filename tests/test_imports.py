@@ -23,7 +23,7 @@ FLOORS: dict[str, int] = {
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.train": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
-    "dinolike.evaluation": 3, "dinolike.local_procs": 3,
+    "dinolike.evaluation": 3, "dinolike.local_procs": 3, "dinolike.pipeline": 3,
     # commands on top of the library: the CLI and the command packages
     "dinolike.cli": 4, "dinolike.commands": 4, "dinolike.bench": 4, "eval": 4, "curation": 4, "launch": 4,
     "benchmarks": 5,

@@ -1,0 +1,151 @@
+"""`dinolike pipeline --config configs/pipeline/X.yaml [key=value ...] [--submit [--wait]]`.
+
+The whole flow in one command: curate -> pretrain -> high-res -> distill -> eval, each stage the existing
+command run on the previous stage's output. Run it again and finished stages are skipped (same
+fingerprint: same resolved config and inputs); the unfinished one resumes from its checkpoint (training)
+or its finished steps (curation, eval); a stage whose config or inputs changed reruns from scratch, and so
+does every stage after it. `--submit` runs each stage as a SLURM job instead (see pipeline_submit.py).
+Writes, in output_dir: one folder per stage, stages/<stage>.json, lineage.json, report.md, report/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from yaml import YAMLError
+
+from dinolike.commands.packages import import_command
+from dinolike.commands.pipeline_stages import (
+    RUNNERS,
+    Stage,
+    StageError,
+    artifacts,
+    begin_stage,
+    build_stages,
+    stage_dir,
+    stage_fingerprint,
+)
+from dinolike.config import ConfigError
+from dinolike.pipeline.config import STAGES, TRAIN_STAGES, load_pipeline
+from dinolike.pipeline.lineage import (
+    artifact_record,
+    now,
+    read_state,
+    state_path,
+    up_to_date,
+    write_json,
+    write_lineage,
+)
+from dinolike.pipeline.report import REPORT_DIR, write_report
+
+log = logging.getLogger("dinolike.pipeline")
+EXIT_REQUEUE = 3  # a train stage stopped on a signal after saving a checkpoint (dinolike.train.preempt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinolike pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="pipeline yaml (a delta on configs/pipeline/base.yaml)")
+    p.add_argument("--submit", action="store_true", help="run each stage as a SLURM job (dependent jobs)")
+    p.add_argument("--wait", action="store_true", help="--submit: wait for the jobs and return their status")
+    p.add_argument("--stage", choices=STAGES, help="run only this stage (what each submitted job runs); "
+                   "the stages it reads must have finished")
+    p.add_argument("overrides", nargs="*", help="pipeline keys (output_dir=..., stages=[...]) or "
+                   "STAGE.KEY=VALUE for a stage's command (pretrain.optim.epochs=3)")
+    return p
+
+
+def is_main_rank() -> bool:
+    """Bookkeeping (state files, wiping, lineage, report) is rank 0's in a multi-task SLURM job."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pipeline_record(cfg: DictConfig, config_file: str) -> dict:
+    return {"config_file": str(Path(config_file).absolute()), "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def finish_stage(out: Path, stage: Stage, state: dict, t0: float) -> None:
+    """Record the stage's artifacts, then lineage.json and report.md."""
+    recs = {os.path.relpath(p, out): artifact_record(out, p) for p in artifacts(out, stage.name)}
+    write_json(state_path(out, stage.name), {**state, "status": "done", "finished": now(),
+                                             "seconds": round(time.perf_counter() - t0, 1), "artifacts": recs})
+
+
+def update_records(cfg: DictConfig, config_file: str) -> None:
+    out, stages = Path(cfg.output_dir), [str(s) for s in cfg.stages]
+    write_lineage(out, pipeline_record(cfg, config_file), stages)
+    plot = import_command("eval.plot").plot_curves
+    (out / REPORT_DIR).mkdir(exist_ok=True)
+    curves = {}
+    for s in stages:
+        st = read_state(out, s)
+        if s in TRAIN_STAGES and st is not None and st["status"] == "done":
+            curves[s] = plot(stage_dir(out, s), out / REPORT_DIR / f"{s}_curves.png", dpi=60)
+    write_report(out, pipeline_record(cfg, config_file), stages, curves)
+
+
+def run_stage(cfg: DictConfig, stage: Stage, upstream: dict[str, str], config_file: str) -> tuple[int, str]:
+    """Run one stage unless it is up to date; returns (exit status, or -1 when skipped; its fingerprint)."""
+    out = Path(cfg.output_dir)
+    fp, ins = stage_fingerprint(out, stage, upstream)
+    if up_to_date(out, stage.name, fp):
+        log.info("%s: up to date (%s), skipped", stage.name, fp)
+        return -1, fp
+    main = is_main_rank()
+    state = begin_stage(out, stage, fp, ins, upstream, bookkeeping=main)
+    t0 = time.perf_counter()
+    rc = RUNNERS[stage.name](out, stage, cfg)
+    if rc == 0 and main:
+        finish_stage(out, stage, state, t0)
+        update_records(cfg, config_file)
+    return rc, fp
+
+
+def run_local(cfg: DictConfig, config_file: str, only: str | None = None) -> int:
+    """Every stage in order here (or only `only`, whose inputs must be finished)."""
+    stages = build_stages(cfg)
+    out = Path(cfg.output_dir)
+    fps: dict[str, str] = {}
+    ran = []
+    for stage in stages:
+        if only is not None and stage.name != only:
+            st = read_state(out, stage.name)  # a job trusts the finished stages it depends on
+            if st is not None and st["status"] == "done":
+                fps[stage.name] = st["fingerprint"]
+            continue
+        rc, fps[stage.name] = run_stage(cfg, stage, fps, config_file)
+        if rc == EXIT_REQUEUE:
+            print(f"dinolike pipeline: stage {stage.name!r} stopped with a checkpoint; run the same command "
+                  "again to resume it", file=sys.stderr)
+            return rc
+        if rc > 0:
+            print(f"dinolike pipeline: error: stage {stage.name!r} failed (exit status {rc}); fix it and run the "
+                  "same command again to resume", file=sys.stderr)
+            return rc
+        if rc == 0:
+            ran.append(stage.name)
+    if not ran:
+        print(f"dinolike pipeline: {out}: every stage is up to date, nothing to do", file=sys.stderr)
+    else:
+        print(f"dinolike pipeline: ran {', '.join(ran)}; report: {out / 'report.md'}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    try:
+        cfg = load_pipeline(args.config, args.overrides)
+        if args.submit:
+            from dinolike.commands.pipeline_submit import submit_pipeline
+
+            return submit_pipeline(cfg, args.config, args.overrides, args.wait)
+        return run_local(cfg, args.config, args.stage)
+    except (ConfigError, StageError, FileNotFoundError, YAMLError) as e:
+        print(f"dinolike pipeline: error: {e}", file=sys.stderr)
+        return 2

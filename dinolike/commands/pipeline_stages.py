@@ -1,0 +1,306 @@
+"""The pipeline's stages: each runs the existing command (`dinolike curate`, `train`, `distill`, `eval`) on
+the previous stage's output, with the recipe and overrides the pipeline config names.
+
+A stage is built (config resolved and checked) before anything runs, so a typo in the eval overrides
+fails in the first second, not after pretraining. What a stage reads from the stages before it is only
+known once they ran (`inputs`): it is part of the stage's fingerprint, with the resolved config and the
+fingerprints of the stages it builds on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dinolike.commands.packages import import_command
+from dinolike.commands.train import main as train_main
+from dinolike.config import ConfigError, load_config
+from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
+from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
+from dinolike.pipeline.lineage import STATE_DIR, now, read_state, state_path, write_json
+
+log = logging.getLogger("dinolike.pipeline")
+BASELINES = ("pixels", "random")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (an earlier stage is missing or failed); printed as one line."""
+
+
+@dataclass
+class Stage:
+    """One stage as it will run: the command's config file and overrides, and the resolved config."""
+
+    name: str
+    recipe: list[str]  # the recipe files the pipeline config names
+    config_file: Path  # what the command reads: the recipe, or the layered recipe written for it
+    overrides: list[str]  # the user's, then the pipeline's (output folder, previous stage's output)
+    config: dict[str, Any]  # resolved, for the fingerprint and lineage
+    upstream: list[str] = field(default_factory=list)  # stages whose output it reads
+
+    @property
+    def config_fingerprint(self) -> str:
+        return digest(self.name, self.config)
+
+
+def stage_dir(out: Path, name: str) -> Path:
+    return out / name
+
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    found = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+    if not found:
+        raise StageError(f"{run_dir} holds no checkpoint: its stage did not finish")
+    return found[-1]
+
+
+def manifest(out: Path) -> Path:
+    return stage_dir(out, "curate") / "work" / "manifest.txt"
+
+
+def _config_file(out: Path, name: str, files: list[Path]) -> Path:
+    """The single recipe as it is, several layered into stages/<name>.recipe.yaml."""
+    if len(files) == 1:
+        return files[0]
+    path = out / STATE_DIR / f"{name}.recipe.yaml"
+    text = OmegaConf.to_yaml(OmegaConf.create(layered_recipe(files)))
+    if not path.is_file() or path.read_text() != text:  # a rerun that changes nothing writes nothing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
+
+
+def _teacher_stage(stages: list[str]) -> str | None:
+    return "highres" if "highres" in stages else "pretrain" if "pretrain" in stages else None
+
+
+def _injected(out: Path, name: str, stages: list[str], demo: bool) -> tuple[list[str], list[str]]:
+    """(overrides the pipeline adds, stages read): where the stage writes, and what it reads."""
+    here = stage_dir(out, name)
+    if name == "curate":
+        extra = [f"work_dir={here / 'work'}"]
+        if demo:
+            extra += [f"pool=[folder-nolabels:{here / 'demo' / 'pool'}]", f"seeds=[folder:{here / 'demo' / 'seeds'}]"]
+        return extra, []
+    extra, reads = [f"run.output_dir={here}"], []
+    if "curate" in stages:  # every training stage reads the curated images
+        extra.append(f"data.train=manifest:{manifest(out)}")
+        reads.append("curate")
+    if name == "highres" and "pretrain" in stages:
+        extra.append(f"run.init_from={stage_dir(out, 'pretrain')}")
+        reads.append("pretrain")
+    if name == "distill" and (teacher := _teacher_stage(stages)) is not None:
+        extra.append(f"distill.teacher={stage_dir(out, teacher)}")
+        reads.append(teacher)
+    return extra, reads
+
+
+def _resolve(name: str, config_file: Path, overrides: list[str]) -> dict[str, Any]:
+    if name == "curate":
+        cfg = import_command("curation.config").load_config(config_file, overrides)
+    else:
+        cfg = load_config(config_file, overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def build_stages(cfg: DictConfig) -> list[Stage]:
+    """Every stage of `cfg.stages`, its config loaded and checked by its command's strict loader."""
+    out, names = Path(cfg.output_dir), [str(s) for s in cfg.stages]
+    built = []
+    for name in names:
+        sec = cfg[name]
+        if name == "eval":
+            built.append(_eval_stage(cfg, names))
+            continue
+        files = recipe_files(sec.config)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ConfigError(f"{name}.config: file not found: {missing[0]}")
+        extra, reads = _injected(out, name, names, name == "curate" and int(sec.demo) > 0)
+        overrides = [*map(str, sec.overrides), *extra]
+        config_file = _config_file(out, name, files)
+        try:
+            resolved = _resolve(name, config_file, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+        if name == "curate":
+            resolved["demo_originals"] = int(sec.demo)  # the pool it writes is an input of the stage
+        built.append(Stage(name, [str(f) for f in files], config_file, overrides, resolved, reads))
+    return built
+
+
+def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
+    sec = cfg.eval
+    trained = [s for s in names if s in TRAIN_STAGES]
+    if not trained:
+        raise ConfigError("stage 'eval' needs a train stage (pretrain, highres or distill) in stages to evaluate")
+    bad = [b for b in sec.baselines if b not in BASELINES]
+    if bad:
+        raise ConfigError(f"eval.baselines must be a subset of {list(BASELINES)}, got {list(sec.baselines)}")
+    protocols = [shlex.split(str(p)) for p in sec.protocols]
+    if not protocols or any(not p for p in protocols):
+        raise ConfigError(f"eval.protocols must list `dinolike eval` command lines, got {list(sec.protocols)}")
+    overrides = [str(o) for o in sec.overrides]
+    common = import_command("eval.common")
+    try:  # the eval commands' strict config: a typo fails now, not after training
+        common.resolve_config(common.PIXELS, None, overrides)
+    except common.EvalError as e:
+        raise ConfigError(f"eval.overrides: {e}") from None
+    resolved = OmegaConf.to_container(sec, resolve=True)
+    resolved.pop("launch")  # where the job runs does not change the results
+    return Stage("eval", [], Path(), overrides, resolved, trained)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def backbones(out: Path, name: str) -> dict[str, Path]:
+    """Model name -> exported backbone of a finished train stage (distillation: every student)."""
+    run = stage_dir(out, name)
+    found = {name: run / "teacher_backbone.pth"}
+    for p in sorted(run.glob("student*_backbone.pth")):
+        found[f"{name}-{p.name.removesuffix('_backbone.pth')}"] = p
+    return found
+
+
+def inputs(out: Path, stage: Stage) -> dict[str, Path]:
+    """The files this stage reads from the stages before it (they must have finished)."""
+    for up in stage.upstream:
+        st = read_state(out, up)
+        if st is None or st["status"] != "done":
+            raise StageError(f"stage {stage.name!r} reads the output of {up!r}, which has not finished: run it first")
+    found = {"manifest": manifest(out)} if "curate" in stage.upstream else {}
+    if stage.name == "eval":
+        return {m: p for up in stage.upstream for m, p in backbones(out, up).items()}
+    trained = [u for u in stage.upstream if u != "curate"]  # highres and distill start from a checkpoint
+    return {**found, **({"checkpoint": newest_checkpoint(stage_dir(out, trained[0]))} if trained else {})}
+
+
+def stage_fingerprint(out: Path, stage: Stage, upstream: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    """(fingerprint, {input: path and fingerprint}): the stage's resolved config, the files it reads and the
+    fingerprints of the stages it builds on (so a rerun upstream reruns it too)."""
+    found = inputs(out, stage)
+    ins = {k: {"path": os.path.relpath(p, out), "fingerprint": file_digest(p)} for k, p in found.items()}
+    ups = {u: upstream[u] for u in stage.upstream}
+    portable = json.loads(json.dumps(stage.config).replace(str(out), "$OUTPUT_DIR"))  # a moved folder is the same
+    return digest(stage.name, portable, {k: v["fingerprint"] for k, v in ins.items()}, ups), ins
+
+
+def begin_stage(out: Path, stage: Stage, fp: str, ins: dict[str, Any], upstream: dict[str, str],
+                bookkeeping: bool = True) -> dict[str, Any]:
+    """Resume the stage's folder when it was started with the same fingerprint, else empty it (its
+    checkpoints belong to other inputs and must not be resumed); mark it running. Returns its state."""
+    prev, here = read_state(out, stage.name), stage_dir(out, stage.name)
+    same = prev is not None and prev["fingerprint"] == fp
+    state = {"stage": stage.name, "fingerprint": fp, "status": "running",
+             "config_fingerprint": stage.config_fingerprint, "recipe": stage.recipe,
+             "config_file": str(stage.config_file), "overrides": stage.overrides, "config": stage.config,
+             "inputs": ins, "upstream": {u: upstream[u] for u in stage.upstream}, "git_commit": git_commit(),
+             "started": prev["started"] if same else now()}
+    if not bookkeeping:
+        return state
+    if same:
+        log.info("%s: resuming (%s) in %s", stage.name, fp, here)
+    else:
+        if here.exists():
+            log.info("%s: config or inputs changed (%s -> %s): starting over", stage.name,
+                     prev["fingerprint"] if prev else "unknown", fp)
+            shutil.rmtree(here)
+        log.info("%s: running (%s)", stage.name, fp)
+    write_json(state_path(out, stage.name), state)
+    return state
+
+
+# ------------------------------------------------------------------------------------------ runners
+
+
+def run_curate_demo(out: Path, cfg: DictConfig) -> int:
+    """`dinolike curate demo` into curate/demo when `curate.demo` asks for it (once: its truth.json marks it)."""
+    demo, n = stage_dir(out, "curate") / "demo", int(cfg.curate.demo)
+    if n <= 0 or (demo / "truth.json").is_file():
+        return 0
+    return import_command("curation.cli").main(["demo", "--demo-out", str(demo), "--demo-n", str(n)])
+
+
+def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
+    rc = run_curate_demo(out, cfg)
+    return rc or import_command("curation.cli").main(["all", "--config", str(stage.config_file), *stage.overrides])
+
+
+def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
+    del out, cfg
+    command = "distill" if stage.name == "distill" else "train"
+    # in this process; the command starts its own worker processes when the recipe asks for them
+    return train_main([command, "--config", str(stage.config_file), *stage.overrides])
+
+
+def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
+    """The one number of a protocol's table: kNN at k=20 (or the first k), else the test top-1."""
+    if protocol == "knn":
+        keys = ["k20_top1"] + sorted(k for k in metrics if k.endswith("_top1"))
+        return next((metrics[k] for k in keys if k in metrics), None)
+    return metrics.get("test_top1")
+
+
+def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
+    """Every protocol line on every exported backbone and baseline; results.json collects them."""
+    sec, here = cfg.eval, stage_dir(out, "eval")
+    models: dict[str, tuple[str, list[str]]] = {b: (b, []) for b in sec.baselines}
+    if "random" in models:  # the architecture of the first trained model, untrained
+        models["random"] = ("random", ["--config", str(stage_dir(out, stage.upstream[0]) / "config.yaml")])
+    models.update({m: (str(p), []) for m, p in inputs(out, stage).items()})
+    common = ["--train-dataset", str(sec.train_dataset), "--val-dataset", str(sec.val_dataset),
+              "--cache-dir", str(out / "cache" / "features"), "--no-progress"]
+    common += ["--limit-train", str(sec.limit_train)] if int(sec.limit_train) > 0 else []
+    common += ["--limit-val", str(sec.limit_val)] if int(sec.limit_val) > 0 else []
+    main: Callable[[list[str]], int] = import_command("eval.__main__").main
+    table: dict[str, dict[str, Any]] = {}
+    for model, (pretrained, extra) in models.items():
+        table[model] = {"pretrained": os.path.relpath(pretrained, out) if os.sep in pretrained else pretrained}
+        for line in map(str, sec.protocols):
+            words = shlex.split(line)
+            folder = here / model / "_".join(w.lstrip("-") for w in words)
+            result = folder / "results.json"
+            if not result.is_file():  # a rerun of the same stage (same fingerprint) keeps finished evals
+                argv = [*words, "--pretrained", pretrained, *extra, "--output-dir", str(folder), *common,
+                        *stage.overrides]
+                rc = main(argv)
+                if rc:
+                    log.error("eval %s on %s failed (exit %d)", line, model, rc)
+                    return rc
+            res = json.loads(result.read_text())
+            table[model][line] = {"top1": _headline(words[0], res["metrics"]), "n_train": res["n_train"],
+                                  "n_test": res["n_test"], "resolution": res.get("resolution")}
+    doc = {"protocols": [str(p) for p in sec.protocols], "train_dataset": sec.train_dataset,
+           "val_dataset": sec.val_dataset, "models": table}
+    write_json(here / "results.json", doc)
+    return 0
+
+
+RUNNERS: dict[str, Callable[[Path, Stage, DictConfig], int]] = {
+    "curate": run_curate, "pretrain": run_train, "highres": run_train, "distill": run_train, "eval": run_eval,
+}
+
+
+def artifacts(out: Path, name: str) -> list[Path]:
+    """What a finished stage leaves for later stages and for people (recorded in lineage.json)."""
+    here = stage_dir(out, name)
+    if name == "curate":
+        return [here / "work" / f for f in ("manifest.txt", "provenance.jsonl", "summary.json")]
+    if name == "eval":
+        return [here / "results.json", *sorted(here.glob("*/*/results.json"))]
+    found = [newest_checkpoint(here), here / "config.yaml", here / "metrics.jsonl"]
+    for p in backbones(out, name).values():
+        found += [p, Path(f"{p}.json")]
+    return [p for p in found if p.is_file()]

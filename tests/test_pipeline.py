@@ -1,0 +1,185 @@
+"""`dinolike pipeline` end to end on the smoke config: real curation of the demo pool (injected copies and
+test-set leaks), real training, high-res phase, distillation and evals; then what a rerun does (nothing;
+resume after a kill; a changed distill config reruns distill and eval only); then the same pipeline as
+dependent SLURM jobs on the test cluster, which must end with the same results file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_launch import cluster  # noqa: F401 - the module-scoped test SLURM cluster (skips without root/apt)
+from testkit import REPO, rows
+
+from dinolike.commands.pipeline import main
+from dinolike.pipeline.fingerprint import file_digest
+
+SMOKE = str(REPO / "configs" / "pipeline" / "fmnist_smoke.yaml")
+STAGES = ["curate", "pretrain", "highres", "distill", "eval"]
+
+
+def _state(out: Path, stage: str) -> dict:
+    return json.loads((out / "stages" / f"{stage}.json").read_text())
+
+
+def _cli(out: Path, *extra: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dinolike.cli", "pipeline", "--config", SMOKE,
+                           f"output_dir={out}", *extra], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The smoke pipeline run once; its results file kept aside for later comparison."""
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    t0 = time.monotonic()
+    assert main(["--config", SMOKE, f"output_dir={out}"]) == 0
+    print(f"smoke pipeline: {time.monotonic() - t0:.1f}s")
+    return {"out": out, "results": (out / "eval" / "results.json").read_text(),
+            "states": {s: _state(out, s) for s in STAGES}}
+
+
+def test_smoke_pipeline_writes_lineage_whose_fingerprints_chain(smoke: dict) -> None:
+    out = smoke["out"]
+    lineage = json.loads((out / "lineage.json").read_text())
+    stages, artifacts = lineage["stages"], lineage["artifacts"]
+    assert list(stages) == STAGES and all(s["status"] == "done" for s in stages.values())
+    for rel, rec in artifacts.items():  # every recorded artifact is on disk with its fingerprint
+        assert file_digest(out / rel) == rec["fingerprint"], rel
+        assert rec["git_commit"] and rec["started"] and rec["finished"] and rec["stage"] in STAGES
+    # each stage's inputs are artifacts of the stage it builds on, with the fingerprints recorded there
+    expect = {"pretrain": {"curate": ["manifest"]}, "highres": {"curate": ["manifest"], "pretrain": ["checkpoint"]},
+              "distill": {"curate": ["manifest"], "highres": ["checkpoint"]},
+              "eval": {"pretrain": ["pretrain"], "highres": ["highres"], "distill": ["distill"]}}
+    for stage, ups in expect.items():
+        st = stages[stage]
+        assert st["upstream"] == {u: stages[u]["fingerprint"] for u in ups}
+        for up, keys in ups.items():
+            for key in keys:
+                rec = st["inputs"][key]
+                assert artifacts[rec["path"]]["stage"] == up
+                assert artifacts[rec["path"]]["fingerprint"] == rec["fingerprint"]
+    assert stages["highres"]["inputs"]["checkpoint"]["path"] == "pretrain/checkpoints/ckpt_0000020.pt"
+    assert f"data.train=manifest:{out / 'curate' / 'work' / 'manifest.txt'}" in stages["pretrain"]["overrides"]
+    # the stages ran the existing commands with the recipes the pipeline names
+    assert rows(out / "pretrain")[-1]["iteration"] == 20
+    assert rows(out / "highres")[0]["iteration"] > 20  # continued from pretrain's checkpoint
+    results = json.loads(smoke["results"])
+    assert set(results["models"]) == {"pixels", "random", "pretrain", "highres", "distill"}
+    for model in results["models"].values():
+        for proto in ("knn", "linear", "logreg"):
+            assert 10.0 < model[proto]["top1"] <= 100.0 and model[proto]["n_test"] == 500
+    report = (out / "report.md").read_text()
+    for png in ("curation_counts", "pretrain_curves", "highres_curves", "distill_curves", "eval"):
+        assert f"report/{png}.png" in report and (out / "report" / f"{png}.png").stat().st_size > 1000
+    assert "| pixels |" in report and "| random |" in report and "eval-set leaks removed" in report
+
+
+def test_curated_manifest_holds_no_test_set_leak(smoke: dict) -> None:
+    out = smoke["out"]
+    truth = json.loads((out / "curate" / "demo" / "truth.json").read_text())
+    leaks = {str(out / "curate" / "demo" / f) for f, v in truth["files"].items() if v["kind"] == "test_copy"}
+    lines = [x.split("\t")[0] for x in (out / "curate" / "work" / "manifest.txt").read_text().splitlines()
+             if x and not x.startswith("#")]
+    assert len(leaks) == 50 and len(lines) == 300
+    assert not leaks & set(lines)
+    assert all(Path(p).is_file() for p in lines)
+    summary = json.loads((out / "curate" / "work" / "summary.json").read_text())
+    assert summary["dedup"]["leaks_removed"] >= 50
+
+
+def test_second_run_does_nothing(smoke: dict, capsys: pytest.CaptureFixture) -> None:
+    out = smoke["out"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["--config", SMOKE, f"output_dir={out}"]) == 0
+    assert "every stage is up to date, nothing to do" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_killed_during_pretrain_resumes_there_without_redoing_curate(smoke: dict, tmp_path: Path) -> None:
+    """A copy of the finished curation, then pretraining (40 iterations) killed after its first checkpoint."""
+    out = tmp_path / "p"
+    (out / "stages").mkdir(parents=True)
+    shutil.copytree(smoke["out"] / "curate", out / "curate")  # the fingerprint does not depend on the folder
+    shutil.copy(smoke["out"] / "stages" / "curate.json", out / "stages")
+    curate_files = {p: p.stat().st_mtime_ns for p in (out / "curate").rglob("*") if p.is_file()}
+    args = ["stages=[curate,pretrain]", "pretrain.optim.epoch_length=20"]
+    proc = subprocess.Popen([sys.executable, "-m", "dinolike.cli", "pipeline", "--config", SMOKE,
+                             f"output_dir={out}", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((out / "pretrain" / "checkpoints").glob("ckpt_*.pt")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert "curate: up to date" in err
+    assert _state(out, "pretrain")["status"] == "running"
+    killed_at = rows(out / "pretrain")[-1]["iteration"]
+    assert 10 <= killed_at < 40
+
+    done = _cli(out, *args)
+    assert done.returncode == 0, done.stderr
+    assert "curate: up to date" in done.stderr and "pretrain: resuming" in done.stderr
+    assert "resumed from" in done.stderr and "ckpt_00000" in done.stderr
+    iters = [r["iteration"] for r in rows(out / "pretrain")]
+    assert iters[-1] == 40 and sorted(set(iters)) == list(range(5, 41, 5))
+    assert _state(out, "pretrain")["status"] == "done"
+    assert {p: p.stat().st_mtime_ns for p in (out / "curate").rglob("*") if p.is_file()} == curate_files
+
+
+def test_submit_runs_the_smoke_pipeline_as_dependent_slurm_jobs(smoke: dict, cluster, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "slurm"
+    t0 = time.monotonic()
+    env = {**cluster.environ(), "OMP_NUM_THREADS": "1"}
+    proc = _cli(out, "--submit", "--wait", f"submit.launch=[--partition,{cluster.partition},--timeout,10]",
+                env=env, timeout=900)
+    print(f"smoke pipeline on SLURM: {time.monotonic() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = {line.split(":")[0]: line.split("job ")[1].split()[0] for line in proc.stdout.splitlines()
+           if ": job " in line}
+    assert list(ids) == STAGES
+    # pool 751 images, references (the 10k test set) and seeds 90, 5000 a shard: 4 array tasks
+    assert "curate embed: 4 shard(s) as job array" in proc.stdout
+    for prev, stage in zip(STAGES, STAGES[1:], strict=False):
+        assert f"(after {ids[prev]})" in proc.stdout.split(f"{stage}: job")[1].splitlines()[0]
+    assert (out / "eval" / "results.json").read_text() == smoke["results"]
+    assert all(_state(out, s)["status"] == "done" for s in STAGES)
+    again = _cli(out, "--submit", f"submit.launch=[--partition,{cluster.partition}]", env=env)
+    assert again.returncode == 0 and "nothing to submit" in again.stderr
+
+
+def test_distill_config_change_reruns_distill_and_eval_only(smoke: dict, capsys: pytest.CaptureFixture) -> None:
+    out, before = smoke["out"], smoke["states"]
+    assert main(["--config", SMOKE, f"output_dir={out}", "distill.optim.epochs=1.5"]) == 0
+    err = capsys.readouterr().err
+    after = {s: _state(out, s) for s in STAGES}
+    assert "dinolike pipeline: ran distill, eval;" in err
+    for s in ("curate", "pretrain", "highres"):
+        assert after[s] == before[s]
+    for s in ("distill", "eval"):
+        assert after[s]["fingerprint"] != before[s]["fingerprint"] and after[s]["finished"] != before[s]["finished"]
+    assert rows(out / "distill")[-1]["iteration"] == 15 and rows(out / "distill")[0]["iteration"] == 5
+    assert after["eval"]["upstream"]["distill"] == after["distill"]["fingerprint"]
+
+
+def test_bad_input_is_one_line_error_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "p"
+    assert main(["--config", SMOKE, f"output_dir={out}", "pretrain.optim.epocs=3"]) == 2
+    assert "pretrain: unknown config key 'optim.epocs'" in capsys.readouterr().err
+    assert main(["--config", SMOKE, f"output_dir={out}", "eval.overrides=[eval.knn.temprature=1]"]) == 2
+    assert "did you mean 'eval.knn.temperature'" in capsys.readouterr().err
+    assert main(["--config", SMOKE, f"output_dir={out}", "stages=[eval,curate]"]) == 2
+    assert "stages run in the order" in capsys.readouterr().err
+    assert main(["--config", SMOKE, f"output_dir={out}", "distill.config=nope.yaml"]) == 2
+    assert "distill.config: file not found" in capsys.readouterr().err
+    assert main(["--config", SMOKE, f"output_dir={out}", "--stage", "distill"]) == 2
+    assert "reads the output of 'curate', which has not finished" in capsys.readouterr().err
+    assert not (out / "curate").exists() and not (out / "distill").exists()
