@@ -52,13 +52,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
-    if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1:
+    local_child = os.environ.get(CHILD_ENV) == "1"
+    if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1 and not local_child:
         # the CPU recipes are made for 28 px grey-scale Fashion-MNIST: photos would silently be trained as such
         print(f"dinolike {command}: warning: data.train={cfg.data.train} is read as 1-channel grey-scale "
               f"images cropped to {cfg.crops.global_size} px (a Fashion-MNIST recipe); for RGB images use "
               "configs/folder_vits14.yaml", file=sys.stderr)
     n_local = cfg.dist.local_processes
-    local_child = os.environ.get(CHILD_ENV) == "1"
     if n_local > 1 and launcher() == "single":
         status = run_local(argv, n_local)
         if status == 0 and cfg.eval.final_knn:
