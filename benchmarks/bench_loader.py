@@ -5,9 +5,10 @@
 
 Generates (once) a folder of JPEGs of an ImageNet-like size (500 x 375, smooth random content, quality
 90), then measures on this machine:
-- per worker, in this process on one thread (what one DataLoader worker gets): decode alone, and decode +
+- per worker, in this process on one thread (what one DataLoader worker gets): decode alone, decode +
   the recipe's multi-crop augmentation (configs/base.yaml: 2 x 224 + 8 x 96 crops, jitter, blur,
-  solarize, normalise) + iBOT masks, images per second;
+  solarize, normalise) + iBOT masks, and decode + the loader's half of it (crop, resize, flip: what a
+  worker does under `data.augment_on_device`) + masks, images per second;
 - the real training loader (`build_train_loader` on `folder-nolabels:DIR`: dataset, augmentation,
   masks, collate, worker processes) for each worker count;
 and prints the workers the target img/s (the step's rate; the issue's goal is 300 for ViT-L/16) needs
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from dinolike.bench.batches import loader_img_per_s
@@ -47,11 +49,12 @@ def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: i
         Image.fromarray(small).resize(size, Image.BICUBIC).save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def per_worker_rates(cfg, seconds: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Decode, and decode + augment + masks, on one thread of this process: each (img per wall second,
-    img per CPU second)."""
+def per_worker_rates(cfg, seconds: float) -> list[tuple[float, float]]:
+    """Decode; decode + augment + masks; and decode + the loader's half of the augmentation + masks (what
+    a worker does under `data.augment_on_device`), on one thread of this process: each (img per wall
+    second, img per CPU second)."""
     base = build_dataset(cfg.data.train, channels=cfg.data.channels)
-    aug = build_augmentation(cfg)
+    aug, half = (build_augmentation(OmegaConf.merge(cfg, {"data": {"augment_on_device": on}})) for on in (False, True))
     grid = cfg.crops.global_size // cfg.model.patch_size
     masks = MaskSampler((grid, grid), cfg.masking.probability, tuple(cfg.masking.ratio))
     gen = torch.Generator().manual_seed(0)
@@ -67,13 +70,13 @@ def per_worker_rates(cfg, seconds: float) -> tuple[tuple[float, float], tuple[fl
 
     decode = rate(lambda i: base[i][0].load())
 
-    def full(i: int) -> None:
+    def full(i: int, aug=aug) -> None:
         img, _ = base[i]
         aug(img, gen)
         for _ in range(2):
             masks(gen)
 
-    return decode, rate(full)
+    return [decode, rate(full), rate(lambda i: full(i, half))]
 
 
 def loader_rate(cfg, batches: int) -> float:
@@ -107,19 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"{len(list(args.dir.glob('*.jpg')))} JPEGs 500x375 in {args.dir}; crops 2 x {c.global_size} + "
           f"{c.local_number} x {c.local_size} px, patch {cfg.model.patch_size}")
-    (decode, decode_cpu), (full, full_cpu) = per_worker_rates(cfg, args.seconds)
+    (decode, decode_cpu), (full, full_cpu), (half, half_cpu) = per_worker_rates(cfg, args.seconds)
     print("\n| measure | img/s | img per CPU-second |\n|---|---|---|")
     print(f"| decode only, 1 thread | {decode:.1f} | {decode_cpu:.1f} |")
     print(f"| decode + augmentation + masks, 1 thread (one worker) | {full:.1f} | {full_cpu:.1f} |")
+    print(f"| decode + crop / resize / flip + masks, 1 thread (one worker, `data.augment_on_device`) | {half:.1f} "
+          f"| {half_cpu:.1f} |")
     for w in args.workers:
         wcfg = load_config(args.config, [f"data.train=folder-nolabels:{args.dir}", "data.pin_memory=false",
                                          f"data.batch_size={args.batch_size}", "run.device=cpu",
                                          f"data.num_workers={w}", *args.overrides])
         r = loader_rate(wcfg, args.batches)
-        print(f"| training loader, {w} worker(s), batch {args.batch_size} | {r:.1f} ({r / w:.1f} per worker) | - |")
+        where = " (photometric half left to the device)" if wcfg.data.augment_on_device else ""
+        print(f"| training loader{where}, {w} worker(s), batch {args.batch_size} | {r:.1f} ({r / w:.1f} per worker) "
+              "| - |")
     print(f"\nworkers for {args.target:.0f} img/s: {math.ceil(args.target / full_cpu)} at {full_cpu:.1f} img per "
           f"CPU-second each ({math.ceil(args.target / full)} at the {full:.1f} img/s measured here; one core "
           "per worker, loader overheads aside)")
+    print(f"with data.augment_on_device: {math.ceil(args.target / half_cpu)} at {half_cpu:.1f} img per CPU-second "
+          "(the photometric half then runs on the training device)")
     return 0
 
 

@@ -213,3 +213,33 @@ def test_crop_ratio_bounds_the_box_aspect() -> None:
     ratios = [w / h for _, _, h, w in boxes]
     assert any(r != 1 for r in ratios)
     assert all(0.75 - 0.15 <= r <= 4 / 3 + 0.2 for r in ratios)  # rounding to whole pixels widens it a little
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu-shortcuts", "accelerator-path"])
+@pytest.mark.parametrize(("channels", "hw"), [(3, (120, 90)), (1, (28, 28))], ids=["rgb-large", "gray-small"])
+def test_photometric_on_device_finishes_to_the_same_crops(monkeypatch, sync_free, channels, hw) -> None:
+    """Loader half (crop + resize) + device half (jitter, blur, solarize over the collated batch) gives
+    the crops the one-piece augmentation gives for the same seed; the accelerator path (no host reads,
+    everything computed and selected) too."""
+    from dinolike.data.collate import collate_ssl
+
+    rng = np.random.default_rng(0)
+    shape = hw + ((3,) if channels == 3 else ())
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(3)]
+    kw = dict(global_crops_size=32 if channels == 3 else 28, local_crops_size=16 if channels == 3 else 14,
+              local_crops_number=4, channels=channels, solarize_p=(0.5, 0.5, 0.5), blur_p=(1.0, 0.5, 0.5))
+    whole, split = MultiCropAugmentation(**kw), MultiCropAugmentation(**kw, photometric_on_device=True)
+    if sync_free:
+        monkeypatch.setattr("dinolike.data.augment._may_sync", lambda x: False)
+
+    def batch(aug: MultiCropAugmentation) -> dict:
+        samples = [{**aug(img, torch.Generator().manual_seed(i)), "label": 0} for i, img in enumerate(images)]
+        return collate_ssl(samples)
+
+    ref, deferred = batch(whole), batch(split)
+    assert deferred["global_photometric"].shape == (6, 14) and deferred["local_photometric"].shape == (12, 14)
+    assert not torch.allclose(deferred["global_crops"], ref["global_crops"])  # not finished yet
+    done = split.finish_batch(deferred)
+    assert "global_photometric" not in done and done["global_crops_teacher"] is done["global_crops"]
+    for key in ("global_crops", "local_crops"):
+        torch.testing.assert_close(done[key], ref[key], rtol=1e-5, atol=1e-5)

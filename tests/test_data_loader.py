@@ -174,3 +174,25 @@ def test_plain_transform_runs_seeded_and_restores_global_rng() -> None:
     assert a["masks"] is None
     batch = collate_ssl([a, b])
     assert batch["masks"] is None and batch["n_masked"] == 0 and batch["local_crops"] is None
+
+
+def test_augment_on_device_gives_the_step_the_same_batches() -> None:
+    """`data.augment_on_device`: the loader ships crops + draws and the batch mover finishes them; the
+    step sees the batches of the one-piece loader (same seeds, same positions)."""
+    from dinolike.config import load_config
+    from dinolike.dist import DistEnv
+    from dinolike.train.data import build_batch_mover, build_train_loader
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
+    base = ["data.batch_size=4", "data.num_workers=0", "data.limit=32", "run.progress=false"]
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    got = {}
+    for on in (False, True):
+        cfg = load_config(config, [*base, f"data.augment_on_device={str(on).lower()}"])
+        move = build_batch_mover(cfg, env.device)
+        loader = iter(build_train_loader(cfg, env, start_position=8))
+        got[on] = [move(next(loader)) for _ in range(2)]
+    for ref, dev in zip(got[False], got[True], strict=True):
+        assert set(dev) == set(ref)  # the draws do not reach the step
+        for key in ("global_crops", "global_crops_teacher", "local_crops", "masks", "indices"):
+            torch.testing.assert_close(dev[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)

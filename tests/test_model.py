@@ -137,3 +137,40 @@ def test_dino_head_output_is_bounded_by_weight_norm() -> None:
     # L2-normalised bottleneck times unit-norm prototypes (g = 1): cosine similarities
     assert logits.shape == (10, 300) and logits.abs().max() <= 1.0 + 1e-5
     assert {"last_layer.weight_g", "last_layer.weight_v", "mlp.0.weight", "mlp.4.weight"} <= set(head.state_dict())
+
+
+def _loss_grads_saved(scope: str) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """(loss, parameter grads, bytes autograd kept for backward) of one training forward+backward."""
+    torch.manual_seed(0)
+    m = vit_from_preset("vit_pico", patch_size=4, img_size=28, in_chans=1, drop_path_rate=0.3).train()
+    m.set_activation_checkpointing(scope)
+    x = torch.randn(6, 1, 28, 28)
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(1)  # the same stochastic-depth draws in every run
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = m.forward_features([x, x[:, :, :16, :16]])
+    loss = sum(o["x_norm_patchtokens"].square().mean() + o["x_norm_clstoken"].sum() for o in out)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], saved
+
+
+def test_activation_checkpointing_scopes_same_gradients_less_memory() -> None:
+    """Each scope recomputes in backward (stochastic depth replayed) and so keeps fewer activations."""
+    ref_loss, ref_grads, ref_saved = _loss_grads_saved("none")
+    saved = {}
+    for scope in ("block", "attn", "mlp"):
+        loss, grads, saved[scope] = _loss_grads_saved(scope)
+        torch.testing.assert_close(loss, ref_loss)
+        assert len(grads) == len(ref_grads)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert saved["block"] < saved["mlp"] < ref_saved and saved["attn"] < ref_saved
+    assert saved["block"] < 0.2 * ref_saved  # only what lies outside the blocks is kept
+    with pytest.raises(ValueError, match="scope"):
+        vit_from_preset("vit_pico").set_activation_checkpointing("ffn")

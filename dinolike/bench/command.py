@@ -48,7 +48,7 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
     """Time `train_step` (the loop's own step) phase by phase, and the pure-backbone reference beside it;
     then its img/s without per-phase syncs, and with real data the loader alone and the two together."""
     from dinolike import dist
-    from dinolike.train.data import build_train_loader
+    from dinolike.train.data import build_batch_mover, build_train_loader
     from dinolike.train.loop import build_method
     from dinolike.train.method import untimed
     from dinolike.train.optim import build_optimizer
@@ -71,7 +71,8 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
     if synthetic:  # made on the device once; every step gets the same tensors (no host work per step)
         batches: Iterator[dict] = itertools.repeat(synthetic_batch(cfg, cfg.data.batch_size, dev, cfg.run.seed))
     else:
-        batches = (method.to_device(b, dev) for b in build_train_loader(cfg, env, start_position=0))
+        move = build_batch_mover(cfg, dev)
+        batches = (move(b) for b in build_train_loader(cfg, env, start_position=0))
 
     def step(batch: dict, i: int, phase=untimed) -> None:
         train_step(method, opt, batch, sched.at(i), dev, clip_groups, phase=phase)

@@ -48,7 +48,7 @@ def blur_kernel_size(crop_size: int) -> int:
 
 
 @lru_cache(maxsize=32)
-def _tap_basis(size: int, k: int) -> torch.Tensor:
+def _tap_basis(size: int, k: int, device: str = "cpu") -> torch.Tensor:
     """[k, size * size] one-hot matrices: tap j of a 'reflect'-padded 1-D convolution of length ``size``.
 
     A blur matrix is then ``weights [m, k] @ basis``, one matmul instead of a scatter per crop group.
@@ -65,7 +65,7 @@ def _tap_basis(size: int, k: int) -> torch.Tensor:
     # (tap, output) pairs are unique, so plain assignment is exact; when reflection sends two taps of one
     # output to the same pixel, the weighted sum over taps adds them up.
     basis[torch.arange(k)[None, :], torch.arange(size)[:, None], pos] = 1.0
-    return basis.view(k, size * size)
+    return basis.view(k, size * size).to(device)
 
 
 def _blur_matrices(sigma: torch.Tensor, size: int, k: int) -> torch.Tensor:
@@ -74,10 +74,10 @@ def _blur_matrices(sigma: torch.Tensor, size: int, k: int) -> torch.Tensor:
     On small crops two batched matmuls are far cheaper than a grouped conv2d with per-crop kernels.
     """
     r = k // 2
-    t2 = torch.arange(-r, r + 1, dtype=torch.float32) ** 2  # [k]
+    t2 = torch.arange(-r, r + 1, dtype=torch.float32, device=sigma.device) ** 2  # [k]
     w = torch.exp(t2 * (-0.5 / sigma.square())[:, None])  # [m, k]
     w = w / w.sum(dim=1, keepdim=True)
-    return (w @ _tap_basis(size, k)).view(-1, size, size)  # [m, size, size]
+    return (w @ _tap_basis(size, k, str(sigma.device))).view(-1, size, size)  # [m, size, size]
 
 
 def _cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -119,6 +119,12 @@ def _window_matrix(start: int, length: int, in_size: int, out_size: int, flip: b
     return _resize_matrices(
         torch.tensor([start]), torch.tensor([length]), in_size, out_size, torch.tensor([flip])
     )[0]
+
+
+def _may_sync(x: torch.Tensor) -> bool:
+    """Whether data-dependent shortcuts (skip a step no crop needs) may read values back to the host:
+    on the CPU they save work; on an accelerator each would stall the stream, so everything is computed."""
+    return x.device.type == "cpu"
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +189,9 @@ class MultiCropAugmentation:
     ``channels=1``. With one channel, saturation, hue and random grayscale are no-ops. The blur kernel
     follows :func:`blur_kernel_size` unless ``blur_kernel_size`` is given.
 
-    Call as ``aug(img, generator)``; without a generator the global torch RNG is used.
+    Call as ``aug(img, generator)``; without a generator the global torch RNG is used. With
+    ``photometric_on_device`` the crops come back after the geometric half (crop, resize, flip) with
+    their photometric draws, and :meth:`finish_batch` completes a collated batch on the training device.
     """
 
     accepts_generator = True  # SSLDataset passes a per-sample generator instead of reseeding the global RNG
@@ -207,6 +215,7 @@ class MultiCropAugmentation:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         blur_kernel_size: int | None = None,
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        photometric_on_device: bool = False,
     ) -> None:
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -244,6 +253,7 @@ class MultiCropAugmentation:
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.blur_kernel_size = blur_kernel_size
         self.log_ratio = (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
+        self.photometric_on_device = bool(photometric_on_device)
         jb, jc, js, _ = self.jitter
         self._jitter_lo = torch.tensor([1 - jb, 1 - jc, 1 - js]).clamp_min(0)  # [3]
         self._jitter_span = torch.tensor([1 + jb, 1 + jc, 1 + js]) - self._jitter_lo
@@ -295,11 +305,15 @@ class MultiCropAugmentation:
         blur_p: torch.Tensor,
         solarize_p: torch.Tensor,
         generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """Make ``n`` augmented crops [n, C, size, size] of x [C, H, W] (float in [0, 1])."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The geometric half of ``n`` crops of x [C, H, W] (float in [0, 1]): crops [n, C, size, size] in
+        [0, 1] and their photometric draws [n, 14] (blur and solarize already decided: 1.0 = apply), which
+        :meth:`photometric` turns into the finished crops, here or on the training device."""
         _, height, width = x.shape
         boxes = self._boxes(height, width, n, scale, generator)
         u = torch.rand(n, _N_UNIFORMS, generator=generator)  # all per-crop random numbers of this group
+        u[:, _U_BLUR] = (u[:, _U_BLUR] < blur_p).float()
+        u[:, _U_SOL] = (u[:, _U_SOL] < solarize_p).float()
 
         flips = u[:, _U_FLIP] < self.flip_p  # [n]
         if height * width <= _MATRIX_RESIZE_MAX_PIXELS:
@@ -320,17 +334,22 @@ class MultiCropAugmentation:
                 )
                 crops.append(c.flip(-1) if flip else c)
             out = torch.cat(crops)  # [n, C, size, size]
-        out = out.clamp_(0.0, 1.0)  # bicubic overshoots
+        return out.clamp_(0.0, 1.0), u  # clamp: bicubic overshoots
 
-        out = self._color_jitter(out, u)
+    def photometric(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Colour jitter -> grayscale -> blur -> solarize -> normalise crops x [n, C, s, s] in [0, 1] with
+        their draws u [n, 14] from the geometric half; on any device (``data.augment_on_device`` runs it
+        on the GPU over a whole batch, where it costs a CPU loader worker two thirds of its time)."""
+        n = x.shape[0]
+        out = self._color_jitter(x, u)
         if self.channels == 3 and self.gray_p > 0:
             to_gray = (u[:, _U_GRAY] < self.gray_p).view(n, 1, 1, 1)
             out = torch.where(to_gray, _gray(out).expand_as(out), out)
-        out = self._blur(out, u[:, _U_BLUR] < blur_p, u[:, _U_SIGMA])
-        sol = (u[:, _U_SOL] < solarize_p).view(n, 1, 1, 1)
-        if bool(sol.any()):
+        out = self._blur(out, u[:, _U_BLUR] > 0.5, u[:, _U_SIGMA])
+        sol = (u[:, _U_SOL] > 0.5).view(n, 1, 1, 1)
+        if not _may_sync(x) or bool(sol.any()):
             out = torch.where(sol & (out >= _SOLARIZE_THRESHOLD), 1.0 - out, out)
-        return out.sub_(self._mean_t).div_(self._std_t)
+        return (out - self._mean_t.to(out.device)) / self._std_t.to(out.device)
 
     def _color_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """torchvision-style ColorJitter with a random op order per crop, applied with prob ``jitter_p``.
@@ -341,12 +360,13 @@ class MultiCropAugmentation:
         hue, or that is not jittered, takes the identity); hue is applied to the crops whose hue step it is.
         """
         n = x.shape[0]
+        on_host = _may_sync(x)
         on = u[:, _U_JIT] < self.jitter_p  # [n]
-        if self.jitter_p <= 0 or not bool(on.any()):
+        if self.jitter_p <= 0 or (on_host and not bool(on.any())):
             return x
         jh = self.jitter[3]
         rgb = self.channels == 3
-        lo, span = self._jitter_lo, self._jitter_span
+        lo, span = self._jitter_lo.to(x.device), self._jitter_span.to(x.device)
         f = lo + u[:, _U_BRI : _U_SAT + 1] * span  # [n, 3]: brightness, contrast, saturation factors
         hue = (u[:, _U_HUE] * 2 - 1) * jh  # [n], in turns
         op = u[:, _U_ORDER].argsort(dim=1).T  # [4, n]: op (0 bri, 1 con, 2 sat, 3 hue) per step and crop
@@ -357,8 +377,11 @@ class MultiCropAugmentation:
         a = torch.where((op >= 0) & (op <= 2), f_op, 1.0).view(4, n, 1, 1, 1)
         b = torch.where(op == 1, 1 - f_op, 0.0).view(4, n, 1, 1, 1)
         c = torch.where(op == 2, 1 - f_op, 0.0).view(4, n, 1, 1, 1)
-        blend_steps = ((op >= 0) & (op <= 2)).any(dim=1).tolist()
-        hue_steps = ((op == 3) & (hue != 0)).any(dim=1).tolist() if rgb else [False] * 4
+        if on_host:
+            blend_steps = ((op >= 0) & (op <= 2)).any(dim=1).tolist()
+            hue_steps = ((op == 3) & (hue != 0)).any(dim=1).tolist() if rgb else [False] * 4
+        else:
+            blend_steps, hue_steps = [True] * 4, [rgb] * 4
         for step in range(4):
             if blend_steps[step]:
                 gray = _gray(x)  # [n, 1, H, W]
@@ -366,19 +389,24 @@ class MultiCropAugmentation:
                 if rgb:
                     mix = mix.addcmul_(c[step], gray)
                 x = mix.clamp_(0.0, 1.0)
-            if hue_steps[step]:
+            if hue_steps[step] and on_host:
                 idx = ((op[step] == 3) & (hue != 0)).nonzero().flatten()
                 x = x.index_copy(0, idx, _shift_hue(x.index_select(0, idx), hue.index_select(0, idx)))
+            elif hue_steps[step]:
+                x = torch.where(((op[step] == 3) & (hue != 0)).view(n, 1, 1, 1), _shift_hue(x, hue), x)
         return x
 
     def _blur(self, x: torch.Tensor, apply: torch.Tensor, u_sigma: torch.Tensor) -> torch.Tensor:
         """Gaussian blur (sigma ~ U(blur_sigma)) on the crops where ``apply`` [n] is True."""
-        idx = apply.nonzero().flatten()
-        if idx.numel() == 0:
-            return x
         size = x.shape[-1]
         k = self.blur_kernel_size or blur_kernel_size(size)
         lo, hi = self.blur_sigma
+        if not _may_sync(x):  # blur every crop and keep the chosen ones
+            mat = _blur_matrices(lo + u_sigma * (hi - lo), size, k)[:, None]  # [n, 1, size, size]
+            return torch.where(apply.view(-1, 1, 1, 1), mat @ x @ mat.transpose(-1, -2), x)
+        idx = apply.nonzero().flatten()
+        if idx.numel() == 0:
+            return x
         sigma = lo + u_sigma.index_select(0, idx) * (hi - lo)  # [m]
         mat = _blur_matrices(sigma, size, k)[:, None]  # [m, 1, size, size]
         blurred = mat @ x.index_select(0, idx) @ mat.transpose(-1, -2)  # [m, C, size, size]
@@ -404,23 +432,42 @@ class MultiCropAugmentation:
         self, img: Image.Image | torch.Tensor | np.ndarray, generator: torch.Generator | None
     ) -> dict[str, list[torch.Tensor]]:
         x = _to_float_chw(img, self.channels)  # [C, H, W]
-        globals_ = self._crop_group(
+        g, g_u = self._crop_group(
             x, 2, self.global_crops_size, self.global_crops_scale, self._global_blur_p, self._global_sol_p,
             generator,
-        ).unbind(0)
-        locals_: tuple[torch.Tensor, ...] = ()
-        if self.local_crops_number > 0:
-            n = self.local_crops_number
-            locals_ = self._crop_group(
-                x, n, self.local_crops_size, self.local_crops_scale,
-                torch.full((n,), self.blur_p[2]), torch.full((n,), self.solarize_p[2]), generator,
-            ).unbind(0)
-        global_crops = list(globals_)
+        )  # [2, C, S, S], [2, 14]
+        n = self.local_crops_number
+        loc, loc_u = self._crop_group(
+            x, n, self.local_crops_size, self.local_crops_scale,
+            torch.full((n,), self.blur_p[2]), torch.full((n,), self.solarize_p[2]), generator,
+        ) if n > 0 else (g[:0], g_u[:0])  # [n, C, s, s], [n, 14]
+        out: dict[str, list[torch.Tensor]] = {}
+        if self.photometric_on_device:  # the draws travel with the crops; the device finishes them
+            out = {"global_photometric": list(g_u.unbind(0)), "local_photometric": list(loc_u.unbind(0))}
+        else:
+            g, loc = self.photometric(g, g_u), (self.photometric(loc, loc_u) if n > 0 else loc)
+        globals_ = list(g.unbind(0))
         return {
-            "global_crops": global_crops,
+            "global_crops": globals_,
             "global_crops_teacher": list(globals_),  # DINOv2: the teacher sees the same two global views
-            "local_crops": list(locals_),
+            "local_crops": list(loc.unbind(0)),
+            **out,
         }
+
+    def finish_batch(self, batch: dict) -> dict:
+        """The photometric half over a collated batch already on its device (``photometric_on_device``):
+        global crops [2B, C, S, S] with ``global_photometric`` [2B, 14], local crops likewise."""
+        out = dict(batch)
+        g_u, loc_u = out.pop("global_photometric", None), out.pop("local_photometric", None)
+        if g_u is None or batch["global_crops"] is None:
+            return out
+        g = self.photometric(batch["global_crops"], g_u)
+        shared = batch["global_crops_teacher"] is batch["global_crops"]
+        out["global_crops"] = g
+        out["global_crops_teacher"] = g if shared else self.photometric(batch["global_crops_teacher"], g_u)
+        if batch.get("local_crops") is not None:
+            out["local_crops"] = self.photometric(batch["local_crops"], loc_u)
+        return out
 
     def __repr__(self) -> str:
         return (

@@ -53,7 +53,8 @@ def collate_ssl(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ``w = 1 / (masked tokens of that token's crop)`` so the iBOT loss averages per crop first, then over
     crops; ``n_masked`` = M; ``labels``, ``indices``, ``positions`` [B]; ``skipped`` (failed samples) and
     ``skipped_indices`` (their dataset indices, so that bad files can be counted once and named);
-    ``batch_size`` = B.
+    ``batch_size`` = B; with an on-device augmentation also ``global_photometric`` / ``local_photometric``
+    [n_crops * B, 14], the draws that finish the crops (crop-major, as the crops).
     A batch in which every sample failed comes back with ``batch_size == 0`` and None crops.
     """
     good = [s for s in samples if s.get("ok", True)]
@@ -66,6 +67,8 @@ def collate_ssl(samples: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         teacher = _crop_major(good, "global_crops_teacher")
     local_crops = _crop_major(good, "local_crops")
+    # photometric draws [n_crops * B, 14] of crops the training device finishes (data.augment_on_device)
+    deferred = {k: _crop_major(good, k) for k in ("global_photometric", "local_photometric") if k in good[0]}
 
     masks = None
     mask_indices = torch.zeros(0, dtype=torch.long)
@@ -93,6 +96,7 @@ def collate_ssl(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": len(skipped),
         "skipped_indices": skipped,
         "batch_size": len(good),
+        **deferred,
     }
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dinolike.layers.attention import Attention
 from dinolike.layers.mlp import Mlp, SwiGLUFFN
@@ -40,8 +41,21 @@ def residual_with_drop_path(
     return torch.index_add(x, 0, idx, out.to(x.dtype), alpha=b / keep)
 
 
+CHECKPOINT_SCOPES = ("none", "block", "attn", "mlp")
+
+
+def _recomputed(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """fn whose activations are dropped after forward and recomputed in backward (RNG state replayed)."""
+    return lambda x: checkpoint(fn, x, use_reentrant=False)
+
+
 class Block(nn.Module):
-    """Keys `norm1`, `attn`, `ls1`, `norm2`, `mlp`, `ls2` as in the official backbone."""
+    """Keys `norm1`, `attn`, `ls1`, `norm2`, `mlp`, `ls2` as in the official backbone.
+
+    `checkpoint_scope` trades compute for memory in training: "block" recomputes the whole block in
+    backward (least memory, ~1 extra forward), "mlp" or "attn" only that branch (the MLP holds most of
+    a block's saved activations: its 4x-wide hidden layer before and after the GELU).
+    """
 
     def __init__(
         self,
@@ -64,6 +78,7 @@ class Block(nn.Module):
         self.mlp = ffn(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = drop_path
+        self.checkpoint_scope = "none"
 
     def _attn(self, x: Tensor) -> Tensor:
         return self.ls1(self.attn(self.norm1(x)))
@@ -71,6 +86,14 @@ class Block(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = residual_with_drop_path(x, self._attn, self.drop_path, self.training)
-        return residual_with_drop_path(x, self._ffn, self.drop_path, self.training)
+    def _forward(self, x: Tensor) -> Tensor:
+        scope = self.checkpoint_scope if self.training and torch.is_grad_enabled() else "none"
+        attn = _recomputed(self._attn) if scope == "attn" else self._attn
+        ffn = _recomputed(self._ffn) if scope == "mlp" else self._ffn
+        x = residual_with_drop_path(x, attn, self.drop_path, self.training)
+        return residual_with_drop_path(x, ffn, self.drop_path, self.training)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, N, D] -> [B, N, D]
+        if self.checkpoint_scope == "block" and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)

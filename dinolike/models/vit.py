@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from dinolike.layers import Block, PatchEmbed
+from dinolike.layers.block import CHECKPOINT_SCOPES
 
 # name -> (embed_dim, depth, num_heads, ffn_layer); patch size, registers etc. come from the config.
 PRESETS: dict[str, tuple[int, int, int, str]] = {
@@ -78,8 +78,15 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()  # the official backbone has an (empty) head too; keeps forward() familiar
-        self.grad_checkpointing = False  # recompute block activations in backward (ViT-g on one GPU)
         self.init_weights()
+
+    def set_activation_checkpointing(self, scope: str) -> None:
+        """Recompute in backward what `scope` names (none | block | attn | mlp) in every block: the
+        memory lever that lets ViT-g train at a real batch on one GPU (Block says what each costs)."""
+        if scope not in CHECKPOINT_SCOPES:
+            raise ValueError(f"activation checkpointing scope must be one of {CHECKPOINT_SCOPES}, got {scope!r}")
+        for blk in self.blocks:
+            blk.checkpoint_scope = scope
 
     def init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -152,10 +159,7 @@ class VisionTransformer(nn.Module):
         masks_list = list(masks) if masks is not None else [None] * len(x)
         tokens = [self.prepare_tokens(xi, mi) for xi, mi in zip(x, masks_list, strict=True)]
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = [checkpoint(blk, t, use_reentrant=False) for t in tokens]
-            else:
-                tokens = [blk(t) for t in tokens]
+            tokens = [blk(t) for t in tokens]
         return [self._outputs(t, m) for t, m in zip(tokens, masks_list, strict=True)]
 
     def forward(self, x: Tensor) -> Tensor:

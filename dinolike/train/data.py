@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
@@ -11,6 +14,7 @@ from dinolike.data.collate import build_ssl_loader
 from dinolike.data.datasets import build_dataset, check_readable
 from dinolike.data.masking import MaskSampler
 from dinolike.data.positions import SSLDataset
+from dinolike.train.method import Method
 from dinolike.train.skips import SkipGuard
 
 
@@ -32,7 +36,21 @@ def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
         blur_p=tuple(c.blur_p),
         solarize_p=tuple(c.solarize_p),
         crop_ratio=tuple(c.ratio),
+        photometric_on_device=d.augment_on_device,
     )
+
+
+def build_batch_mover(cfg: DictConfig, device: torch.device) -> Callable[[dict], dict]:
+    """Collated batch -> the batch the step reads, on `device`: copied there (a tensor shared by two keys
+    once), then finished there when `data.augment_on_device` (colour jitter, blur, solarize over the whole
+    batch, which the loader workers left undone). The loop and the bench both use it."""
+    aug = build_augmentation(cfg) if cfg.data.augment_on_device else None
+
+    def move(batch: dict) -> dict:
+        on_device = Method.to_device(batch, device)
+        return aug.finish_batch(on_device) if aug is not None else on_device
+
+    return move
 
 
 def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) -> DataLoader:

@@ -23,7 +23,7 @@ from dinolike.config import to_container
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.train import checkpoint as ck
 from dinolike.train.collapse import CollapseWatch
-from dinolike.train.data import build_skip_guard, build_train_loader
+from dinolike.train.data import build_batch_mover, build_skip_guard, build_train_loader
 from dinolike.train.export import export_backbone
 from dinolike.train.method import Method
 from dinolike.train.optim import build_optimizer
@@ -175,6 +175,7 @@ def train(cfg: DictConfig) -> int:
         return 0
 
     loader = build_train_loader(cfg, env, start_position=start * global_batch)
+    to_device = build_batch_mover(cfg, env.device)
     skips = build_skip_guard(cfg, loader)
     skips.load_state_dict(skip_state)
     stop = StopFlag(cfg.run.time_limit_min).install()
@@ -200,7 +201,7 @@ def train(cfg: DictConfig) -> int:
                     skips.check(it)  # empty batches must not run on silently to the end
                 continue
             skips.add(batch)
-            batch = method.to_device(batch, env.device)
+            batch = to_device(batch)
             s = sched.at(it)
             # the finite check is a sync (over ranks too): every step on CPU, at log time on GPU
             check = env.device.type == "cpu" or (it + 1) % cfg.run.log_every == 0

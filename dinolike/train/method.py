@@ -78,7 +78,7 @@ class Method(nn.Module):
         d = self.cfg.dist
         if d.activation_checkpointing:
             for part in self.sharded_parts():
-                part["backbone"].grad_checkpointing = True
+                part["backbone"].set_activation_checkpointing(d.activation_checkpointing_scope)
         strategy = d.strategy
         if strategy == "auto":
             strategy = "none" if not env.enabled else ("fsdp" if env.device.type == "cuda" else "ddp")
@@ -114,8 +114,18 @@ class Method(nn.Module):
 
     @staticmethod
     def to_device(batch: dict, device: torch.device) -> dict:
+        """The batch on `device`; a tensor under two keys (the teacher's global crops are the student's)
+        is copied once and stays one tensor."""
         nb = device.type == "cuda"
-        return {k: v.to(device, non_blocking=nb) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        moved: dict[int, Tensor] = {}
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, Tensor):
+                if id(v) not in moved:
+                    moved[id(v)] = v.to(device, non_blocking=nb)
+                v = moved[id(v)]
+            out[k] = v
+        return out
 
     def plain_backbone(self, backbone: nn.Module, model_cfg: DictConfig, device: torch.device,
                        rank0_only: bool = False) -> nn.Module | None:

@@ -21,6 +21,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),  # none: one process, no gradient sync
     "dist.mixed_precision": ("bf16", "fp32"),
+    "dist.activation_checkpointing_scope": ("block", "attn", "mlp"),
     "data.channels": (1, 3),
 }
 MINIMUM: dict[str, float] = {
