@@ -261,6 +261,16 @@ class MultiCropAugmentation:
         self._global_sol_p = torch.tensor(self.solarize_p[:2])
         self._mean_t = torch.tensor(self.mean).view(1, -1, 1, 1)
         self._std_t = torch.tensor(self.std).view(1, -1, 1, 1)
+        self._on_device: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def _consts(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(jitter lo, jitter span, mean, std) on `device`, copied there once (a copy per batch would wait
+        for the device's queue)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(
+                t.to(device) for t in (self._jitter_lo, self._jitter_span, self._mean_t, self._std_t))
+        return self._on_device[key]
 
     # ------------------------------------------------------------------------------------ geometry
 
@@ -349,7 +359,8 @@ class MultiCropAugmentation:
         sol = (u[:, _U_SOL] > 0.5).view(n, 1, 1, 1)
         if not _may_sync(x) or bool(sol.any()):
             out = torch.where(sol & (out >= _SOLARIZE_THRESHOLD), 1.0 - out, out)
-        return (out - self._mean_t.to(out.device)) / self._std_t.to(out.device)
+        mean, std = self._consts(out.device)[2:]
+        return (out - mean) / std
 
     def _color_jitter(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """torchvision-style ColorJitter with a random op order per crop, applied with prob ``jitter_p``.
@@ -366,7 +377,7 @@ class MultiCropAugmentation:
             return x
         jh = self.jitter[3]
         rgb = self.channels == 3
-        lo, span = self._jitter_lo.to(x.device), self._jitter_span.to(x.device)
+        lo, span = self._consts(x.device)[:2]
         f = lo + u[:, _U_BRI : _U_SAT + 1] * span  # [n, 3]: brightness, contrast, saturation factors
         hue = (u[:, _U_HUE] * 2 - 1) * jh  # [n], in turns
         op = u[:, _U_ORDER].argsort(dim=1).T  # [4, n]: op (0 bri, 1 con, 2 sat, 3 hue) per step and crop
