@@ -2,7 +2,8 @@
 # GPU throughput of issue 16 in one call: the numbers BENCHMARKS.md section 6 leaves "not measured".
 #
 #  1. the bf16 matmul peak (best of 2048 / 4096 / 8192, what MFU is quoted against);
-#  2. ViT-L/16 (base.yaml + model.patch_size=16, 2x224 + 8x96 crops, batch 64) eager, compiled, and
+#  2. ViT-L/16 (base.yaml + model.patch_size=16, 2x224 + 8x96 crops, batch 64) eager, compiled, compiled
+#     with the blocks in CUDA graphs (run.compile_mode=reduce-overhead), and
 #     eager with the cuDNN and flash SDPA kernels forced, `dinolike bench --synthetic` (crops on the GPU);
 #  3. ViT-g/14 (vitg14_pretrain.yaml): the largest batch of BATCHES_G that fits without activation
 #     checkpointing, with the MLP branches recomputed, and with whole blocks recomputed (SCOPES_G; each
@@ -19,7 +20,7 @@
 # Knobs (environment): DEVICE (cuda), ITERS (10), WARMUP (3), BATCH_L (64), BATCHES_G ("16 24 32 48 64"),
 # SCOPES_G ("none mlp block"),
 # L_ARGS / G_ARGS (config and overrides of the two models), LOADER_WORKERS ("4 8 12"), LOADER_IMAGES (1000),
-# DATA_WORKERS (12), STEPS (which of "peak l_eager l_compiled l_sdpa g loader l_data" to run).
+# DATA_WORKERS (12), STEPS (which of "peak l_eager l_compiled l_graphs l_sdpa g loader l_data" to run).
 # A dry run on CPU (tiny models, seconds each):
 #   DEVICE=cpu ITERS=1 WARMUP=1 BATCH_L=4 BATCHES_G="2 4" LOADER_WORKERS=1 LOADER_IMAGES=20 \
 #   L_ARGS="--config configs/fmnist_smoke.yaml" G_ARGS="--config configs/fmnist_smoke.yaml" \
@@ -38,7 +39,7 @@ LOADER_WORKERS=${LOADER_WORKERS:-"4 8 12"}
 LOADER_IMAGES=${LOADER_IMAGES:-1000}
 LOADER_SECONDS=${LOADER_SECONDS:-5}
 DATA_WORKERS=${DATA_WORKERS:-12}
-STEPS=${STEPS:-"peak l_eager l_compiled l_sdpa g loader l_data"}
+STEPS=${STEPS:-"peak l_eager l_compiled l_graphs l_sdpa g loader l_data"}
 PY=${PYTHON:-python3}
 DIR=${OUT:-/tmp}/gpu_throughput_$(date +%s)
 mkdir -p "$DIR"
@@ -75,6 +76,8 @@ fi
 {
 has l_eager && bench vitl16_eager 300 $L_ARGS data.batch_size="$BATCH_L"
 has l_compiled && bench vitl16_compiled 500 $L_ARGS data.batch_size="$BATCH_L" run.compile=true
+has l_graphs && bench vitl16_cudagraphs 500 $L_ARGS data.batch_size="$BATCH_L" run.compile=true \
+    run.compile_mode=reduce-overhead
 if has l_sdpa; then
     bench vitl16_cudnn 300 $L_ARGS data.batch_size="$BATCH_L" --sdpa cudnn
     bench vitl16_flash 300 $L_ARGS data.batch_size="$BATCH_L" --sdpa flash

@@ -230,3 +230,20 @@ def test_scaling_sinkhorn_matches_log_domain_and_hands_over() -> None:
     assert torch.isfinite(q).all()
     torch.testing.assert_close(q.sum(dim=1), torch.ones(300))
     torch.testing.assert_close(q, sinkhorn_knopp(far.double(), 0.04).float(), rtol=1e-3, atol=1e-6)
+
+
+def test_compile_mode_reaches_the_blocks_only(setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run.compile_mode=reduce-overhead` (CUDA graphs) goes to the static-shape blocks; the heads, whose
+    rows change every batch, keep the default mode (a graph per row count would re-record each step)."""
+    from dinolike.layers import Block
+
+    calls: list[tuple[type, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self), kw)))
+    _, method, _ = setup
+    n = compile_step_modules(copy.deepcopy(method), block_mode="reduce-overhead")
+    assert n == len(calls) == 2 * 4 + 2
+    for typ, kw in calls:
+        if typ is Block:
+            assert kw == {"dynamic": False, "mode": "reduce-overhead"}
+        else:
+            assert "mode" not in kw and "dynamic" not in kw

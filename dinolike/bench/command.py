@@ -64,7 +64,7 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
     method = build_method(cfg).to(dev)
     method.prepare_distributed(env)
     if cfg.run.compile:
-        compile_step_modules(method)
+        compile_step_modules(method, block_mode=cfg.run.compile_mode)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
     clip_groups = method.grad_clip_groups()  # as the loop: distillation clips per student
     sched = build_schedules(cfg, cfg.data.batch_size * env.world_size)

@@ -145,7 +145,7 @@ def train(cfg: DictConfig) -> int:
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
         from dinolike.train.ssl import compile_step_modules
 
-        compile_step_modules(method)
+        compile_step_modules(method, block_mode=cfg.run.compile_mode)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
     global_batch = cfg.data.batch_size * env.world_size
     sched = build_schedules(cfg, global_batch)

@@ -15,6 +15,7 @@ from dinolike.models.vit import PRESETS
 
 CHOICES: dict[str, tuple[object, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
+    "run.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "model.arch": (*PRESETS, "custom", None),
     "model.ffn_layer": (None, "mlp", "swiglu"),
     "loss.centering": ("sinkhorn_knopp", "softmax"),
