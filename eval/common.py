@@ -444,7 +444,9 @@ class EvalSetup:
             "which": self.args.which,
             "train_dataset": self.args.train_dataset,
             "val_dataset": self.args.val_dataset,
-            "n_train": len(train),
+            "n_train": len(train),  # the labelled set; a few-label run trained on n_labelled of them
+            **({"n_labelled": (extra or {})["few_label"]["per_seed"][0]["n_labelled"]}
+               if (extra or {}).get("few_label") else {}),
             "n_test": len(test),
             "skipped": {"train": train.skipped, "test": test.skipped},
             "resolution": getattr(self, "resolution", None),

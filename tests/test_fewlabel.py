@@ -104,6 +104,7 @@ def test_few_label_flags_of_the_eval_commands_on_fashion_mnist(tmp_path) -> None
     assert info["split"] == "5-shot" and info["seeds"] == [0, 1, 2]
     per_seed = [r["k20_top1"] for r in info["per_seed"]]
     assert all(r["n_labelled"] == 50 for r in info["per_seed"]) and len(set(per_seed)) > 1  # seeds differ
+    assert few["n_train"] == 3000 and few["n_labelled"] == 50 and "n_labelled" not in full
     mean, sd = mean_and_spread(per_seed)
     assert few["metrics"]["k20_top1"] == pytest.approx(mean) and few["metrics"]["k20_top1_sd"] == pytest.approx(sd)
     # 50 labels instead of 3000: raw-pixel kNN loses a lot, but stays far above chance (10 %)

@@ -183,3 +183,90 @@ def test_bad_input_is_one_line_error_before_anything_runs(tmp_path: Path, capsys
     assert main(["--config", SMOKE, f"output_dir={out}", "--stage", "distill"]) == 2
     assert "reads the output of 'curate', which has not finished" in capsys.readouterr().err
     assert not (out / "curate").exists() and not (out / "distill").exists()
+
+
+def test_more_bad_input_fails_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Eval lines and training values are checked when the pipeline starts, not after hours of training;
+    flags that would be ignored are errors."""
+    out = tmp_path / "p"
+    cases = {
+        "eval.protocols=[lienar]": "the protocol must be one of knn, linear, logreg",
+        "eval.protocols=['knn --label-fraction 0.1']": "is not a valid `dinolike eval` command line",
+        "distill.dist.mixed_precision=fp16": "distill: dist.mixed_precision must be one of",
+    }
+    for override, message in cases.items():
+        assert main(["--config", SMOKE, f"output_dir={out}", override]) == 2, override
+        assert message in capsys.readouterr().err, override
+    assert main(["--config", SMOKE, f"output_dir={out}", "stages=[curate,pretrain,eval]", "--stage", "highres"]) == 2
+    assert "--stage highres: not among this pipeline's stages" in capsys.readouterr().err
+    assert main(["--config", SMOKE, f"output_dir={out}", "--wait"]) == 2
+    assert "--wait goes with --submit" in capsys.readouterr().err
+    assert not any((out / s).exists() for s in STAGES)  # no stage started
+
+
+def test_fingerprint_ignores_how_a_stage_runs_and_moved_folders(tmp_path: Path) -> None:
+    """A worker count, a progress bar or a checkpoint interval does not start a stage over; a recipe
+    value does; a pipeline folder moved elsewhere (non-ASCII name included) keeps its fingerprints, and a
+    sibling folder whose name starts the same is not mistaken for it."""
+    from dinolike.commands.pipeline_stages import build_stages, stage_fingerprint
+    from dinolike.pipeline.config import load_pipeline
+
+    def fp(out: Path, *overrides: str) -> str:
+        cfg = load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]", *overrides])
+        return stage_fingerprint(out, build_stages(cfg)[0], {})[0]
+
+    out = tmp_path / "runs" / "p"
+    base = fp(out)
+    assert fp(out, "pretrain.overrides=[data.num_workers=3,run.progress=false,run.checkpoint_every=7]") == base
+    assert fp(out, "pretrain.overrides=[optim.base_lr=0.001]") != base
+    assert fp(tmp_path / "Läufe" / "p") == base
+    assert fp(tmp_path / "runs" / "p2") == base  # its own folder, written relative to itself
+
+
+def test_changed_stage_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    from dinolike.commands.pipeline_stages import begin_stage, build_stages
+    from dinolike.pipeline.config import load_pipeline
+    from dinolike.pipeline.lineage import state_path, write_json
+
+    out = tmp_path / "p"
+    stage = build_stages(load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]"]))[0]
+    (out / "pretrain" / "checkpoints").mkdir(parents=True)
+    (out / "pretrain" / "checkpoints" / "ckpt_0000010.pt").write_bytes(b"days of training")
+    write_json(state_path(out, "pretrain"), {"fingerprint": "old0", "started": "then"})
+    begin_stage(out, stage, "new1", {}, {})
+    kept = out / "pretrain.stale-old0" / "checkpoints" / "ckpt_0000010.pt"
+    assert kept.read_bytes() == b"days of training" and not (out / "pretrain").exists()
+
+
+def test_stage_stopped_by_its_time_limit_is_not_done(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`run.time_limit_min` ends a training command with status 0 and a checkpoint short of the schedule:
+    the pipeline must not mark the stage finished nor start the next one on it."""
+    from dinolike.commands.pipeline_stages import build_stages, training_finished
+    from dinolike.pipeline.config import load_pipeline
+
+    out = tmp_path / "p"
+    stage = build_stages(load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]"]))[0]
+    total = round(stage.config["optim"]["epochs"] * stage.config["optim"]["epoch_length"])
+    ckpts = out / "pretrain" / "checkpoints"
+    assert not training_finished(out, stage)  # nothing yet
+    ckpts.mkdir(parents=True)
+    (ckpts / f"ckpt_{total - 5:07d}.pt").touch()
+    assert not training_finished(out, stage)
+    (ckpts / f"ckpt_{total:07d}.pt").touch()
+    assert training_finished(out, stage)
+    # end to end: a time limit that stops pretraining at once
+    out2 = tmp_path / "q"
+    rc = main(["--config", SMOKE, f"output_dir={out2}", "stages=[curate,pretrain,eval]",
+               "pretrain.overrides=[run.time_limit_min=0.0001]"])
+    assert rc == 3 and "stage 'pretrain' stopped with a checkpoint" in capsys.readouterr().err
+    assert _state(out2, "pretrain")["status"] == "running" and not (out2 / "eval").exists()
+
+
+def test_report_and_headline_tolerate_odd_input(tmp_path: Path) -> None:
+    from dinolike.commands.pipeline_stages import _headline
+    from dinolike.pipeline.report import _train_line
+
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 5, "loss": 2.0}\n{"iteration": 10, "lo\n')
+    assert _train_line(tmp_path).startswith("iterations 5-5, final loss 2.000")
+    assert _headline("knn", {"k100_top1": 1.0, "k10_top1": 2.0}) == 2.0
+    assert _headline("knn", {"k20_top1": 3.0, "k10_top1": 2.0}) == 3.0

@@ -30,6 +30,7 @@ from dinolike.commands.pipeline_stages import (
     build_stages,
     stage_dir,
     stage_fingerprint,
+    training_finished,
 )
 from dinolike.config import ConfigError
 from dinolike.pipeline.config import STAGES, TRAIN_STAGES, load_pipeline
@@ -101,6 +102,8 @@ def run_stage(cfg: DictConfig, stage: Stage, upstream: dict[str, str], config_fi
     state = begin_stage(out, stage, fp, ins, upstream, bookkeeping=main)
     t0 = time.perf_counter()
     rc = RUNNERS[stage.name](out, stage, cfg)
+    if rc == 0 and stage.name in TRAIN_STAGES and not training_finished(out, stage):
+        rc = EXIT_REQUEUE  # stopped early (run.time_limit_min) with a checkpoint: not done, resumable
     if rc == 0 and main:
         finish_stage(out, stage, state, t0)
         update_records(cfg, config_file)
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_pipeline(args.config, args.overrides)
+        if args.stage is not None and args.stage not in cfg.stages:
+            raise ConfigError(f"--stage {args.stage}: not among this pipeline's stages {list(cfg.stages)}")
+        if args.wait and not args.submit:
+            raise ConfigError("--wait goes with --submit (without it the stages run here, and the command waits)")
+        if args.stage is not None and args.submit:
+            raise ConfigError("--stage runs one stage here (what each submitted job does); drop it with --submit")
         if args.submit:
             from dinolike.commands.pipeline_submit import submit_pipeline
 

@@ -27,6 +27,7 @@ from dinolike.config import ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
 from dinolike.pipeline.lineage import STATE_DIR, now, read_state, state_path, write_json
+from dinolike.train.validate import check_train_config
 
 log = logging.getLogger("dinolike.pipeline")
 BASELINES = ("pixels", "random")
@@ -61,6 +62,17 @@ def newest_checkpoint(run_dir: Path) -> Path:
     if not found:
         raise StageError(f"{run_dir} holds no checkpoint: its stage did not finish")
     return found[-1]
+
+
+def training_finished(out: Path, stage: Stage) -> bool:
+    """Whether a training stage reached its last iteration: a run stopped by `run.time_limit_min` exits 0
+    too, but its newest checkpoint is short of the schedule's end (and the next stage must not start)."""
+    o = stage.config["optim"]
+    total = int(round(o["epochs"] * o["epoch_length"]))
+    try:
+        return int(newest_checkpoint(stage_dir(out, stage.name)).stem.split("_")[-1]) >= total
+    except (StageError, ValueError):
+        return False
 
 
 def manifest(out: Path) -> Path:
@@ -111,6 +123,7 @@ def _resolve(name: str, config_file: Path, overrides: list[str]) -> dict[str, An
         cfg = import_command("curation.config").load_config(config_file, overrides)
     else:
         cfg = load_config(config_file, overrides)
+        check_train_config(cfg)  # values, as `dinolike train` checks them, before any stage runs
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -152,6 +165,18 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
     if not protocols or any(not p for p in protocols):
         raise ConfigError(f"eval.protocols must list `dinolike eval` command lines, got {list(sec.protocols)}")
     overrides = [str(o) for o in sec.overrides]
+    evals = import_command("eval.__main__")
+    for words in protocols:  # each line parsed and checked now, not after hours of training
+        if words[0] not in evals.PROTOCOLS:
+            raise ConfigError(f"eval.protocols: {' '.join(words)!r}: the protocol must be one of "
+                              f"{', '.join(evals.PROTOCOLS)}")
+        try:
+            evals.validate([*words, "--pretrained", "pixels"])
+        except SystemExit:  # argparse has printed what it did not understand
+            line = " ".join(words)
+            raise ConfigError(f"eval.protocols: {line!r} is not a valid `dinolike eval` command line") from None
+        except ConfigError as e:
+            raise ConfigError(f"eval.protocols: {' '.join(words)!r}: {e}") from None
     common = import_command("eval.common")
     try:  # the eval commands' strict config: a typo fails now, not after training
         common.resolve_config(common.PIXELS, None, overrides)
@@ -187,13 +212,50 @@ def inputs(out: Path, stage: Stage) -> dict[str, Path]:
     return {**found, **({"checkpoint": newest_checkpoint(stage_dir(out, trained[0]))} if trained else {})}
 
 
+# Settings that change how a stage runs, not what it produces (the loader gives the same batches with any
+# worker count; a checkpoint interval or a progress bar changes no weight): changing them resumes the stage
+# instead of starting it over.
+OPERATIONAL = (
+    "run.progress", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.time_limit_min",
+    "run.tensorboard", "run.wandb", "run.compile", "run.compile_mode", "data.num_workers", "data.pin_memory",
+    "data.augment_on_device", "dist.activation_checkpointing", "dist.activation_checkpointing_scope",
+    "embed.progress", "embed.num_workers",
+)
+
+
+def _without_operational(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a resolved config without the OPERATIONAL keys (absent ones are fine)."""
+    out = json.loads(json.dumps(config))
+    for dotted in OPERATIONAL:
+        *parents, leaf = dotted.split(".")
+        node = out
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def _portable(value: Any, out: str) -> Any:
+    """`value` with the pipeline folder in its strings written as $OUTPUT_DIR: a moved folder is the same."""
+    if isinstance(value, dict):
+        return {k: _portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, out) for v in value]
+    if isinstance(value, str) and (value == out or value.startswith(out + os.sep)):
+        return "$OUTPUT_DIR" + value[len(out):]
+    if isinstance(value, str) and (out + os.sep) in value:  # an override string "key=/out/..."
+        return value.replace(out + os.sep, "$OUTPUT_DIR" + os.sep)
+    return value
+
+
 def stage_fingerprint(out: Path, stage: Stage, upstream: dict[str, str]) -> tuple[str, dict[str, Any]]:
-    """(fingerprint, {input: path and fingerprint}): the stage's resolved config, the files it reads and the
-    fingerprints of the stages it builds on (so a rerun upstream reruns it too)."""
+    """(fingerprint, {input: path and fingerprint}): the stage's resolved config (less OPERATIONAL keys),
+    the files it reads and the fingerprints of the stages it builds on (so a rerun upstream reruns it too)."""
     found = inputs(out, stage)
     ins = {k: {"path": os.path.relpath(p, out), "fingerprint": file_digest(p)} for k, p in found.items()}
     ups = {u: upstream[u] for u in stage.upstream}
-    portable = json.loads(json.dumps(stage.config).replace(str(out), "$OUTPUT_DIR"))  # a moved folder is the same
+    portable = _portable(_without_operational(stage.config), str(out))
     return digest(stage.name, portable, {k: v["fingerprint"] for k, v in ins.items()}, ups), ins
 
 
@@ -213,10 +275,14 @@ def begin_stage(out: Path, stage: Stage, fp: str, ins: dict[str, Any], upstream:
     if same:
         log.info("%s: resuming (%s) in %s", stage.name, fp, here)
     else:
-        if here.exists():
-            log.info("%s: config or inputs changed (%s -> %s): starting over", stage.name,
-                     prev["fingerprint"] if prev else "unknown", fp)
-            shutil.rmtree(here)
+        if here.exists():  # moved aside, never deleted: the user decides what an old run is worth
+            old = prev["fingerprint"] if prev else "unknown"
+            aside = here.with_name(f"{here.name}.stale-{old}")
+            if aside.exists():
+                shutil.rmtree(aside)  # the same old run moved aside before (a second change back and forth)
+            here.rename(aside)
+            log.warning("%s: config or inputs changed (%s -> %s): starting over; the previous run is kept in %s "
+                        "(delete it when no longer needed)", stage.name, old, fp, aside)
         log.info("%s: running (%s)", stage.name, fp)
     write_json(state_path(out, stage.name), state)
     return state
@@ -248,8 +314,9 @@ def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
 def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
     """The one number of a protocol's table: kNN at k=20 (or the first k), else the test top-1."""
     if protocol == "knn":
-        keys = ["k20_top1"] + sorted(k for k in metrics if k.endswith("_top1"))
-        return next((metrics[k] for k in keys if k in metrics), None)
+        ks = sorted(int(k[1:-5]) for k in metrics if k.startswith("k") and k.endswith("_top1") and k[1:-5].isdigit())
+        k = 20 if 20 in ks else (ks[0] if ks else None)
+        return None if k is None else metrics[f"k{k}_top1"]
     return metrics.get("test_top1")
 
 

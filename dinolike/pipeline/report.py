@@ -63,7 +63,14 @@ def _eval_table(results: dict[str, Any]) -> list[str]:
 
 def _train_line(run: Path) -> str:
     """Iterations, final loss and last periodic kNN of a run, from its metrics.jsonl."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:  # a line cut short by a crash or a full disk is skipped, as eval/plot.py does
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "iteration" in row:
+            rows.append(row)
     if not rows:
         return "no metrics logged"
     last = rows[-1]
