@@ -140,3 +140,13 @@ def test_train_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
     monkeypatch.undo()
     assert reads == []
     assert torch.isfinite(metrics["loss"])
+
+
+def test_bench_failures_are_one_line_errors(capsys) -> None:
+    """A kernel that cannot run here (cuDNN attention on a CPU) or a bad value: one line, no traceback."""
+    main, smoke = command.main, str(SMOKE)
+    assert main(["--config", smoke, "--synthetic", "--iters", "1", "--warmup", "0", "--sdpa", "cudnn"]) == 1
+    err = capsys.readouterr().err
+    assert "dinolike bench: error: No viable backend" in err and "Traceback" not in err
+    assert main(["--config", smoke, "--iters", "1", "dist.mixed_precision=fp16"]) == 2
+    assert "dist.mixed_precision must be one of" in capsys.readouterr().err

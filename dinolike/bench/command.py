@@ -18,6 +18,7 @@ best matmul of several sizes measured on the same device in the same run, and th
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import resource
@@ -42,6 +43,7 @@ from dinolike.bench.device import (
 )
 from dinolike.bench.flops import step_flops
 from dinolike.config import ConfigError, load_config
+from dinolike.train.validate import check_train_config
 
 
 def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False, sdpa: str = "auto") -> dict:
@@ -72,7 +74,8 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
         batches: Iterator[dict] = itertools.repeat(synthetic_batch(cfg, cfg.data.batch_size, dev, cfg.run.seed))
     else:
         move = build_batch_mover(cfg, dev)
-        batches = (move(b) for b in build_train_loader(cfg, env, start_position=0))
+        loader = build_train_loader(cfg, env, start_position=0)
+        batches = (move(b) for b in loader)
 
     def step(batch: dict, i: int, phase=untimed) -> None:
         train_step(method, opt, batch, sched.at(i), dev, clip_groups, phase=phase)
@@ -86,10 +89,17 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
         step_rate = steps_img_per_s(lambda b, i: step(b, warmup + iters + i), itertools.repeat(batch), iters, dev)
         result["img_per_s"] = step_rate
         if not synthetic:
-            loader = iter(build_train_loader(cfg, env, start_position=0))
-            loader_rate = loader_img_per_s(loader, iters)
-            del loader  # its workers end here
-            both = steps_img_per_s(lambda b, i: step(b, warmup + 2 * iters + i), batches, iters, dev)
+            # Each rate from a fresh loader, the previous one's workers ended first: prefetched batches
+            # (prefetch_factor x workers) must not pass for throughput, nor idle workers compete for cores.
+            del batches, loader
+            gc.collect()
+            n = max(iters, 2 * cfg.data.num_workers * 4)  # well past what the workers queue ahead
+            loader_rate = loader_img_per_s(iter(build_train_loader(cfg, env, start_position=0)), n)
+            gc.collect()
+            fresh = iter(build_train_loader(cfg, env, start_position=0))
+            next(fresh)  # worker start-up is not throughput
+            both = steps_img_per_s(lambda b, i: step(b, warmup + 2 * iters + i), (move(b) for b in fresh), n, dev)
+            del fresh
             result.update(img_per_s=both, step_img_per_s=step_rate, loader_img_per_s=loader_rate,
                           bottleneck="loader" if loader_rate < step_rate else "step")
         result["attention_kernel"] = _attention_kernel(method, cfg, dev)
@@ -246,12 +256,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, ["run.progress=false", *args.overrides])
-    except ConfigError as e:
+        check_train_config(cfg)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"dinolike bench: error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run_bench(cfg, args.iters, args.warmup, synthetic=args.synthetic, sdpa=args.sdpa)
+    try:
+        res = run_bench(cfg, args.iters, args.warmup, synthetic=args.synthetic, sdpa=args.sdpa)
+    except torch.OutOfMemoryError:  # the ViT-g batch ladder's expected end: one line, exit 1
+        print(f"dinolike bench: error: out of memory at batch {cfg.data.batch_size} per process", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # e.g. --sdpa flash where no flash kernel can run these inputs
+        print(f"dinolike bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 1
     res["threads"] = torch.get_num_threads()
     text = json.dumps(res, indent=2)
     print(text)
