@@ -270,3 +270,25 @@ def test_report_and_headline_tolerate_odd_input(tmp_path: Path) -> None:
     assert _train_line(tmp_path).startswith("iterations 5-5, final loss 2.000")
     assert _headline("knn", {"k100_top1": 1.0, "k10_top1": 2.0}) == 2.0
     assert _headline("knn", {"k20_top1": 3.0, "k10_top1": 2.0}) == 3.0
+
+
+def test_inputs_recorded_by_a_finished_stage_are_not_hashed_again(tmp_path: Path) -> None:
+    """A finished stage's artifact keeps its recorded fingerprint while its size and time are unchanged
+    (no re-reading of GB checkpoints on each run); a rewritten file is hashed again."""
+    import os
+
+    from dinolike.pipeline.lineage import artifact_record, recorded_digest, state_path, write_json
+
+    out = tmp_path / "p"
+    ckpt = out / "pretrain" / "checkpoints" / "ckpt_0000020.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    rec = artifact_record(out, ckpt)
+    assert rec["fingerprint"] == file_digest(ckpt)
+    write_json(state_path(out, "pretrain"), {"status": "done", "artifacts": {
+        "pretrain/checkpoints/ckpt_0000020.pt": {**rec, "fingerprint": "recorded"}}})
+    assert recorded_digest(out, ckpt, ["pretrain"]) == "recorded"
+    assert recorded_digest(out, ckpt, ["curate"]) is None  # only the stages named are trusted
+    ckpt.write_bytes(b"WEIGHTS")  # same size, new time
+    os.utime(ckpt, ns=(rec["mtime_ns"] + 10**9, rec["mtime_ns"] + 10**9))
+    assert recorded_digest(out, ckpt, ["pretrain"]) is None

@@ -26,7 +26,7 @@ from dinolike.commands.train import main as train_main
 from dinolike.config import ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
-from dinolike.pipeline.lineage import STATE_DIR, now, read_state, state_path, write_json
+from dinolike.pipeline.lineage import STATE_DIR, now, read_state, recorded_digest, state_path, write_json
 from dinolike.train.validate import check_train_config
 
 log = logging.getLogger("dinolike.pipeline")
@@ -253,7 +253,8 @@ def stage_fingerprint(out: Path, stage: Stage, upstream: dict[str, str]) -> tupl
     """(fingerprint, {input: path and fingerprint}): the stage's resolved config (less OPERATIONAL keys),
     the files it reads and the fingerprints of the stages it builds on (so a rerun upstream reruns it too)."""
     found = inputs(out, stage)
-    ins = {k: {"path": os.path.relpath(p, out), "fingerprint": file_digest(p)} for k, p in found.items()}
+    ins = {k: {"path": os.path.relpath(p, out),
+               "fingerprint": recorded_digest(out, p, stage.upstream) or file_digest(p)} for k, p in found.items()}
     ups = {u: upstream[u] for u in stage.upstream}
     portable = _portable(_without_operational(stage.config), str(out))
     return digest(stage.name, portable, {k: v["fingerprint"] for k, v in ins.items()}, ups), ins

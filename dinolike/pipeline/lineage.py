@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,23 @@ def read_state(out: Path, stage: str) -> dict[str, Any] | None:
 
 
 def artifact_record(out: Path, path: Path) -> dict[str, Any]:
-    """{fingerprint, bytes} of one artifact; paths in lineage are relative to the pipeline folder."""
-    return {"fingerprint": file_digest(path), "bytes": path.stat().st_size}
+    """{fingerprint, bytes, mtime_ns} of one artifact (the caller keys it by its path relative to `out`)."""
+    st = path.stat()
+    return {"fingerprint": file_digest(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def recorded_digest(out: Path, path: Path, stages: Sequence[str]) -> str | None:
+    """The fingerprint a finished stage recorded for `path`, if the file still has that size and time:
+    each run of the pipeline fingerprints its inputs, and re-reading GB checkpoints every time (on every
+    rank of a job) would cost minutes; None when no record matches (the caller hashes the file)."""
+    rel = os.path.relpath(path, out)
+    st = path.stat()
+    for name in stages:
+        state = read_state(out, name)
+        rec = (state or {}).get("artifacts", {}).get(rel) if (state or {}).get("status") == "done" else None
+        if rec and rec.get("bytes") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+            return rec["fingerprint"]
+    return None
 
 
 def intact(out: Path, state: dict[str, Any]) -> bool:
