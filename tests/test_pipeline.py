@@ -292,3 +292,14 @@ def test_inputs_recorded_by_a_finished_stage_are_not_hashed_again(tmp_path: Path
     ckpt.write_bytes(b"WEIGHTS")  # same size, new time
     os.utime(ckpt, ns=(rec["mtime_ns"] + 10**9, rec["mtime_ns"] + 10**9))
     assert recorded_digest(out, ckpt, ["pretrain"]) is None
+
+
+def test_second_pipeline_in_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dinolike.commands.pipeline import hold_folder
+
+    out = tmp_path / "p"
+    held = hold_folder(out)  # as a first `dinolike pipeline` running there would
+    assert main(["--config", SMOKE, f"output_dir={out}", "stages=[curate]"]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by another `dinolike pipeline` (pid" in err and not (out / "curate").exists()
+    held.close()

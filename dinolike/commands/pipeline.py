@@ -11,11 +11,14 @@ Writes, in output_dir: one folder per stage, stages/<stage>.json, lineage.json, 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 from omegaconf import DictConfig, OmegaConf
 from yaml import YAMLError
@@ -110,10 +113,32 @@ def run_stage(cfg: DictConfig, stage: Stage, upstream: dict[str, str], config_fi
     return rc, fp
 
 
+def hold_folder(out: Path) -> IO[str]:
+    """An exclusive lock on the pipeline folder for this process's life: a second pipeline run in the same
+    folder would train into the same checkpoints, or move the folder from under the first. Raises
+    StageError naming the holder when another process has it."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".pipeline.lock", "a+")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StageError(f"{out} is in use by another `dinolike pipeline` ({holder}); wait for it to end") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
 def run_local(cfg: DictConfig, config_file: str, only: str | None = None) -> int:
     """Every stage in order here (or only `only`, whose inputs must be finished)."""
     stages = build_stages(cfg)
     out = Path(cfg.output_dir)
+    _lock = hold_folder(out) if only is None else None  # held while this function runs (a --stage job's
+    # submitter placed it after its upstream jobs, so it does not take the folder's lock)
     fps: dict[str, str] = {}
     ran = []
     for stage in stages:
