@@ -53,6 +53,7 @@ def _executor(cfg: DictConfig, stage: str, after: list[str]) -> tuple[Any, Any]:
     extra = dict(sub.executor_parameters(args).get("slurm_additional_parameters", {}))
     if after:
         extra["dependency"] = "afterok:" + ":".join(after)
+        extra["kill-on-invalid-dep"] = "yes"  # a failed upstream job cancels this one, not pending forever
     executor.update_parameters(slurm_additional_parameters=extra)
     return executor, args
 
@@ -72,6 +73,8 @@ def submit_pipeline(cfg: DictConfig, config_file: str, overrides: list[str], wai
         if stage.name == "curate":
             after = _submit_embed(cfg, stage, fps, jobs)
         executor, args = _executor(cfg, stage.name, after)
+        if stage.name in ("curate", "eval"):  # one process: neither splits its work over ranks
+            executor.update_parameters(tasks_per_node=1, nodes=1)
         job = executor.submit(task_cls(command="pipeline", args=[*job_argv, "--stage", stage.name],
                                        cwd=os.getcwd(), max_requeues=args.max_requeues))
         print(f"{stage.name}: job {job.job_id}" + (f" (after {', '.join(after)})" if after else ""))
