@@ -291,11 +291,11 @@ def write_results(out_dir: str | Path, payload: Mapping[str, Any], title: str, r
     """Write results.json and results.md into out_dir; returns the markdown text."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, out / "results.json")
     md = f"### {title}\n\n{markdown_table(rows)}\n"
-    (out / "results.md").write_text(md)
+    for name, text in (("results.md", md), ("results.json", json.dumps(payload, indent=2, default=str) + "\n")):
+        tmp = out / f".{name}.{os.getpid()}.tmp"  # per process: two ranks never share a temp file
+        tmp.write_text(text)
+        os.replace(tmp, out / name)  # results.json last: its presence means both are complete
     return md
 
 
