@@ -303,3 +303,19 @@ def test_second_pipeline_in_the_same_folder_is_refused(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert "is in use by another `dinolike pipeline` (pid" in err and not (out / "curate").exists()
     held.close()
+
+
+def test_eval_overrides_may_set_the_models_data_statistics(tmp_path: Path) -> None:
+    """`eval.overrides` are model eval keys (data.mean / std too), checked against the model schema; the
+    pixel baseline gets only the eval.* ones."""
+    from dinolike.commands.pipeline_stages import build_stages
+    from dinolike.config import ConfigError
+    from dinolike.pipeline.config import load_pipeline
+
+    def stages(*o: str):
+        return build_stages(load_pipeline(SMOKE, [f"output_dir={tmp_path / 'p'}", *o]))
+
+    ev = stages("eval.overrides=['data.mean=[0.3]','data.std=[0.3]','eval.knn.ks=[10]']")[-1]
+    assert ev.name == "eval" and "data.mean=[0.3]" in ev.overrides
+    with pytest.raises(ConfigError, match="data.meen"):
+        stages("eval.overrides=['data.meen=[0.3]']")

@@ -178,8 +178,8 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
         except ConfigError as e:
             raise ConfigError(f"eval.protocols: {' '.join(words)!r}: {e}") from None
     common = import_command("eval.common")
-    try:  # the eval commands' strict config: a typo fails now, not after training
-        common.resolve_config(common.PIXELS, None, overrides)
+    try:  # the eval commands' strict config (a model's: data.mean / std may be set): a typo fails now
+        common.resolve_config(common.RANDOM, "vit_small", overrides)
     except common.EvalError as e:
         raise ConfigError(f"eval.overrides: {e}") from None
     resolved = OmegaConf.to_container(sec, resolve=True)
@@ -341,8 +341,8 @@ def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
             folder = here / model / "_".join(w.lstrip("-") for w in words)
             result = folder / "results.json"
             if not result.is_file():  # a rerun of the same stage (same fingerprint) keeps finished evals
-                argv = [*words, "--pretrained", pretrained, *extra, "--output-dir", str(folder), *common,
-                        *stage.overrides]
+                opts = [o for o in stage.overrides if pretrained != "pixels" or o.startswith("eval.")]
+                argv = [*words, "--pretrained", pretrained, *extra, "--output-dir", str(folder), *common, *opts]
                 rc = main(argv)
                 if rc:
                     log.error("eval %s on %s failed (exit %d)", line, model, rc)
