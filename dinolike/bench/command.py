@@ -115,7 +115,8 @@ def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False,
     if dev.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30
     return result
 
 
