@@ -64,6 +64,18 @@ def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[T
     return torch.cat(fit), torch.cat(val)
 
 
+def standardizer(fit_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and spread of the fit rows [N, ...] -> (mu, sd), each [1, ...].
+
+    Frozen features mix dimensions whose scales differ 20-fold (inner blocks' CLS tokens carry no final
+    norm), which slows plain SGD on the small ones. A dimension that is constant in the fit rows keeps
+    sd = 1: dividing by ~0 would blow up the held-out rows that do vary there (pixel borders at 1 shot).
+    """
+    mu = fit_rows.mean(dim=0, keepdim=True)
+    sd = fit_rows.std(dim=0, keepdim=True, correction=0) if len(fit_rows) > 1 else torch.zeros_like(mu)
+    return mu, torch.where(sd > 1e-6, sd, torch.ones_like(sd))
+
+
 def head_kinds(feats: FeatureSet, n_last_blocks: Sequence[int], avgpool: Sequence[bool]) -> list[HeadKind]:
     """The grid's input kinds that these features support (raw pixels: one block, no patch tokens)."""
     kinds = []
@@ -134,6 +146,7 @@ def linear_probe(
     cpu_threads: int | None = 1,
     min_steps: int = 0,
     stratify: bool = False,
+    standardize: bool = True,
 ) -> dict[str, Any]:
     """Train every (lr, input kind) head with cross-entropy, SGD + cosine decay; report the best one.
 
@@ -146,6 +159,7 @@ def linear_probe(
     A few-label split trains for at least `min_steps` SGD steps (10 epochs of 100 images would be 10
     steps) and holds out a class-stratified validation part (`stratify`, see split_train_val); without a
     hold-out (1 shot) the head is the grid's default: most blocks (+ pooled patches), middle lr.
+    `standardize` z-scores every input dimension with the fit rows' statistics (see `standardizer`).
     """
     prev_threads = torch.get_num_threads()
     if torch.device(device).type == "cpu" and cpu_threads:
@@ -167,6 +181,7 @@ def linear_probe(
             device=device,
             min_steps=min_steps,
             stratify=stratify,
+            standardize=standardize,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -189,6 +204,7 @@ def _linear_probe(
     device: str | torch.device,
     min_steps: int,
     stratify: bool,
+    standardize: bool,
 ) -> dict[str, Any]:
     device = torch.device(device)
     if num_classes is None:
@@ -200,12 +216,24 @@ def _linear_probe(
     cls_all = train.cls.to(device)  # [N, L, D]
     pm_all = train.patch_mean.to(device) if train.patch_mean is not None else None
     y_all = train.labels.to(device)
+    fit_rows = tr_idx.to(device)
+    cls_stats = standardizer(cls_all[fit_rows].float()) if standardize else None  # 2 x [1, L, D]
+    pm_stats = standardizer(pm_all[fit_rows].float()) if standardize and pm_all is not None else None  # 2 x [1, D]
+
+    def prepare(cls: Tensor, pm: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """A batch's features as the heads read them: float, standardised when asked."""
+        cls, pm = cls.float(), None if pm is None else pm.float()
+        if cls_stats is not None:
+            cls = (cls - cls_stats[0]) / cls_stats[1]
+        if pm is not None and pm_stats is not None:
+            pm = (pm - pm_stats[0]) / pm_stats[1]
+        return cls, pm
 
     def inputs(cls: Tensor, pm: Tensor | None, kind: HeadKind) -> Tensor:
         parts = [cls[:, -kind.n_last_blocks :].flatten(1)]  # [B, n*D]
         if kind.avgpool:
             parts.append(pm)  # [B, D]
-        return torch.cat(parts, dim=1).float()
+        return torch.cat(parts, dim=1)
 
     d = train.cls.shape[-1]
     banks = {
@@ -219,8 +247,8 @@ def _linear_probe(
         order = tr_idx[torch.randperm(len(tr_idx), generator=gen)].to(device)
         for s in range(steps_per_epoch):
             idx = order[s * batch_size : (s + 1) * batch_size]
-            cls_b, y = cls_all[idx], y_all[idx]
-            pm_b = pm_all[idx] if pm_all is not None else None
+            y = y_all[idx]
+            cls_b, pm_b = prepare(cls_all[idx], pm_all[idx] if pm_all is not None else None)
             scale = 0.5 * (1.0 + math.cos(math.pi * step / total))  # cosine decay to 0
             for kind, bank in banks.items():
                 logits = bank.logits(inputs(cls_b, pm_b, kind))  # [H, B, C]
@@ -239,8 +267,8 @@ def _linear_probe(
             c5 = torch.zeros_like(c1)
             for start in range(0, n, 4096):
                 sel = torch.arange(start, min(start + 4096, n)) if rows is None else rows[start : start + 4096]
-                cls_b = feats.cls[sel].to(device)
                 pm_b = feats.patch_mean[sel].to(device) if feats.patch_mean is not None else None
+                cls_b, pm_b = prepare(feats.cls[sel].to(device), pm_b)
                 t1, t5 = _topk_correct(bank.logits(inputs(cls_b, pm_b, kind)), feats.labels[sel].to(device))
                 c1 += t1
                 c5 += t5
@@ -321,6 +349,7 @@ def run(args: argparse.Namespace) -> dict:
             cpu_threads=None if lc.cpu_threads is None else int(lc.cpu_threads),
             min_steps=int(lc.min_steps) if setup.few_label else 0,
             stratify=setup.few_label,
+            standardize=bool(lc.standardize),
         )
 
     res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)

@@ -124,7 +124,8 @@ def _logreg_eval(
         if not standardize:
             return list(xs)
         mu = fit_rows.mean(axis=0, keepdims=True)
-        sd = fit_rows.std(axis=0, keepdims=True) + 1e-6
+        sd = fit_rows.std(axis=0, keepdims=True)
+        sd = np.where(sd > 1e-6, sd, 1.0)  # a dimension constant in the fit rows is left unscaled
         return [(x - mu) / sd for x in xs]
 
     xf, xv = scale(train_x[fit_idx], train_x[fit_idx], train_x[val_idx])

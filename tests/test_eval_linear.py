@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinolike.evaluation.features import FeatureSet
-from eval.linear import head_kinds, linear_probe, split_train_val
+from eval.linear import head_kinds, linear_probe, split_train_val, standardizer
 from eval.logreg import logreg_eval
 
 
@@ -81,3 +81,33 @@ def test_logreg_handles_labels_missing_from_train_classes() -> None:
     y = np.where(x[:, 0] > 0, 2, 5)  # sparse class ids
     res = logreg_eval(x, y, x[:50], np.full(50, 7), cs=[1.0], backend="sklearn")
     assert res["test_top1"] == 0.0
+
+
+def _badly_scaled(n: int, seed: int) -> FeatureSet:
+    """The label is the sign of a dimension 1000x smaller than the noise dimensions beside it."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randn(n, 1, 8, generator=g) * 10.0  # [N, 1, D]
+    labels = (cls[:, 0, 0] > 0).long()
+    cls[:, 0, 0] *= 1e-4  # the informative dimension: scale 1e-3
+    return FeatureSet(cls, None, labels)
+
+
+def test_standardizing_lets_sgd_use_a_tiny_informative_dimension() -> None:
+    train, test = _badly_scaled(2000, 0), _badly_scaled(500, 1)
+    kw = {"lrs": [0.01], "epochs": 3, "batch_size": 64, "seed": 0}
+    plain = linear_probe(train, test, standardize=False, **kw)
+    scaled = linear_probe(train, test, standardize=True, **kw)
+    assert scaled["test_top1"] > 95.0
+    assert plain["test_top1"] < 75.0  # the raw features' gradient on that dimension is ~1e-3 of the rest
+
+
+def test_a_dimension_constant_in_the_fit_rows_is_left_unscaled() -> None:
+    mu, sd = standardizer(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))
+    assert torch.equal(mu, torch.tensor([[2.0, 5.0]])) and torch.equal(sd, torch.tensor([[1.0, 1.0]]))
+    # 1 shot of raw pixels: a border pixel is blank in every labelled image but not in the test images;
+    # dividing by its ~0 spread would swamp every logit with that one pixel
+    train, test = _separable(200, 0), _separable(300, 1)
+    train.cls[:, :, 0] = 0.0
+    test.cls[:, :, 0] = 50.0 * torch.sign(torch.randn(300, 4, generator=torch.Generator().manual_seed(2)))
+    res = linear_probe(train, test, lrs=[0.1], epochs=10, batch_size=32, seed=0)
+    assert res["test_top1"] > 50.0  # ~20 % when the border pixel is divided by its ~0 spread
