@@ -20,7 +20,7 @@ import torch
 
 from dinolike.evaluation.features import FeatureSet
 
-from .linear import split_train_val
+from .linear import split_train_val, standardizer
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,7 @@ def _logreg_eval(
     def scale(fit_rows: np.ndarray, *xs: np.ndarray) -> list[np.ndarray]:
         if not standardize:
             return list(xs)
-        mu = fit_rows.mean(axis=0, keepdims=True)
-        sd = fit_rows.std(axis=0, keepdims=True)
-        sd = np.where(sd > 1e-6, sd, 1.0)  # a dimension constant in the fit rows is left unscaled
+        mu, sd = (t.numpy() for t in standardizer(torch.from_numpy(fit_rows)))  # the linear probe's rule
         return [(x - mu) / sd for x in xs]
 
     xf, xv = scale(train_x[fit_idx], train_x[fit_idx], train_x[val_idx])
