@@ -33,18 +33,25 @@ class HeadKind:
         return f"blocks{self.n_last_blocks}{'_avgpool' if self.avgpool else ''}"
 
 
-def split_train_val(n: int, val_fraction: float, seed: int, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def split_train_val(
+    n: int, val_fraction: float, seed: int, labels: Tensor | None = None, min_val_per_class: int = 1
+) -> tuple[Tensor, Tensor]:
     """Random (seeded) disjoint index sets: the validation part is used only to pick hyperparameters.
 
     With `labels` [n] (a few-label split) the hold-out is class-stratified: each class with >= 2 images
     gives max(1, round(val_fraction * n_c)) of them, keeping at least one to fit; a class of one image
-    keeps it to fit. The validation part is empty when every class has a single image (1 shot): then
-    there is nothing to choose on and the callers use their grid's fixed default.
+    keeps it to fit. The validation part is empty (everything fits) when every class has a single image
+    (1 shot) or when some class would hold out fewer than `min_val_per_class` images: a hold-out of one
+    image per class cannot tell dozens of heads apart (at 5 and 10 shots it picked heads 15-40 points
+    below their neighbours), so the callers use their grid's fixed default instead of a coin toss.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if labels is not None:
-        return _stratified_split(labels, val_fraction, seed)
+        fit, val, smallest = _stratified_split(labels, val_fraction, seed)
+        if smallest < min_val_per_class:
+            return torch.cat([fit, val]), val[:0]
+        return fit, val
     n_val = max(1, int(round(n * val_fraction)))
     if n_val >= n:
         raise ValueError(f"train set of {n} items is too small to hold out a validation split")
@@ -52,16 +59,18 @@ def split_train_val(n: int, val_fraction: float, seed: int, labels: Tensor | Non
     return perm[n_val:], perm[:n_val]
 
 
-def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor, int]:
+    """(fit indices, validation indices, the smallest per-class validation count)."""
     g = torch.Generator().manual_seed(seed)
-    fit, val = [], []
+    fit, val, counts = [], [], []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()  # [n_c]
         members = members[torch.randperm(members.numel(), generator=g)]
         n_val = 0 if members.numel() < 2 else min(members.numel() - 1, max(1, round(members.numel() * val_fraction)))
         val.append(members[:n_val])
         fit.append(members[n_val:])
-    return torch.cat(fit), torch.cat(val)
+        counts.append(n_val)
+    return torch.cat(fit), torch.cat(val), min(counts)
 
 
 def standardizer(fit_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,6 +104,25 @@ def _topk_correct(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     pred = logits.topk(k, dim=-1).indices  # [H, B, k]
     hit = pred == y.view(1, -1, 1)  # [H, B, k]
     return hit[..., 0].sum(dim=1), hit.any(dim=-1).sum(dim=1)
+
+
+def _nll_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-head summed cross-entropy: logits [H, B, C], y [B] -> [H] (float64, summed over batches)."""
+    h, b, c = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, c).float(), y.repeat(h), reduction="none")  # [H*B]
+    return ce.view(h, b).sum(dim=1).double()
+
+
+def pick_head(heads: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The head with the best validation top-1; ties go to the lowest validation cross-entropy.
+
+    Why the second key: on a small hold-out many heads tie on accuracy, and the first of them is the one
+    at the smallest lr, often barely trained; the cross-entropy tells a confident head from a
+    near-uniform one that happens to rank the right class first. It is no cure for a hold-out of one
+    image per class (there it too picked lr 1e-5 on a split of raw pixels): split_train_val's
+    `min_val_per_class` leaves such splits to the grid's default.
+    """
+    return min(heads, key=lambda h: (-h["val_top1"], h.get("val_loss", 0.0)))
 
 
 class _HeadBank:
@@ -147,6 +175,7 @@ def linear_probe(
     min_steps: int = 0,
     stratify: bool = False,
     standardize: bool = True,
+    min_val_per_class: int = 5,
 ) -> dict[str, Any]:
     """Train every (lr, input kind) head with cross-entropy, SGD + cosine decay; report the best one.
 
@@ -158,7 +187,8 @@ def linear_probe(
     busy 2-core machine). None keeps torch's setting.
     A few-label split trains for at least `min_steps` SGD steps (10 epochs of 100 images would be 10
     steps) and holds out a class-stratified validation part (`stratify`, see split_train_val); without a
-    hold-out (1 shot) the head is the grid's default: most blocks (+ pooled patches), middle lr.
+    hold-out (1 shot, or under `min_val_per_class` images of a class) every labelled image fits and the
+    head is the grid's default: most blocks (+ pooled patches), middle lr.
     `standardize` z-scores every input dimension with the fit rows' statistics (see `standardizer`).
     """
     prev_threads = torch.get_num_threads()
@@ -182,6 +212,7 @@ def linear_probe(
             min_steps=min_steps,
             stratify=stratify,
             standardize=standardize,
+            min_val_per_class=min_val_per_class,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -205,11 +236,13 @@ def _linear_probe(
     min_steps: int,
     stratify: bool,
     standardize: bool,
+    min_val_per_class: int,
 ) -> dict[str, Any]:
     device = torch.device(device)
     if num_classes is None:
         num_classes = int(max(train.labels.max().item(), test.labels.max().item())) + 1
-    tr_idx, va_idx = split_train_val(len(train), val_fraction, seed, train.labels if stratify else None)
+    labels = train.labels if stratify else None
+    tr_idx, va_idx = split_train_val(len(train), val_fraction, seed, labels, min_val_per_class)
     kinds = head_kinds(train, n_last_blocks, avgpool)
     lr_t = torch.tensor([float(lr) * batch_size / 256.0 for lr in lrs], device=device)  # [H]
     gen = torch.Generator().manual_seed(seed)
@@ -259,25 +292,29 @@ def _linear_probe(
             step += 1
 
     @torch.no_grad()
-    def evaluate(feats: FeatureSet, rows: Tensor | None) -> dict[HeadKind, tuple[Tensor, Tensor, int]]:
-        res: dict[HeadKind, tuple[Tensor, Tensor, int]] = {}
+    def evaluate(feats: FeatureSet, rows: Tensor | None) -> dict[HeadKind, tuple[Tensor, Tensor, Tensor, int]]:
+        """Per input kind: top-1 and top-5 counts [H] and summed cross-entropy [H] over `rows`, and their count."""
+        res: dict[HeadKind, tuple[Tensor, Tensor, Tensor, int]] = {}
         n = len(feats) if rows is None else len(rows)
         for kind, bank in banks.items():
             c1 = torch.zeros(len(lrs), dtype=torch.long, device=device)
             c5 = torch.zeros_like(c1)
+            nll = torch.zeros(len(lrs), dtype=torch.float64, device=device)
             for start in range(0, n, 4096):
                 sel = torch.arange(start, min(start + 4096, n)) if rows is None else rows[start : start + 4096]
                 pm_b = feats.patch_mean[sel].to(device) if feats.patch_mean is not None else None
                 cls_b, pm_b = prepare(feats.cls[sel].to(device), pm_b)
-                t1, t5 = _topk_correct(bank.logits(inputs(cls_b, pm_b, kind)), feats.labels[sel].to(device))
+                logits, y = bank.logits(inputs(cls_b, pm_b, kind)), feats.labels[sel].to(device)  # [H, B, C], [B]
+                t1, t5 = _topk_correct(logits, y)
                 c1 += t1
                 c5 += t5
-            res[kind] = (c1, c5, n)
+                nll += _nll_sum(logits, y)
+            res[kind] = (c1, c5, nll, n)
         return res
 
-    val = evaluate(train, va_idx) if len(va_idx) else {k: (None, None, 0) for k in banks}
+    val = evaluate(train, va_idx) if len(va_idx) else {k: (None, None, None, 0) for k in banks}
     heads = []
-    for kind, (c1, _, n) in val.items():
+    for kind, (c1, _, nll, n) in val.items():
         for i, lr in enumerate(lrs):
             heads.append(
                 {
@@ -286,15 +323,16 @@ def _linear_probe(
                     "avgpool": kind.avgpool,
                     "lr": float(lr),
                     "val_top1": 100.0 * c1[i].item() / n if n else float("nan"),
+                    "val_loss": nll[i].item() / n if n else float("nan"),
                 }
             )
     if len(va_idx):
-        best = max(heads, key=lambda h: h["val_top1"])  # first maximum wins ties
+        best = pick_head(heads)
     else:  # nothing held out to choose on: the richest input kind at the grid's middle lr
         best = heads[(len(kinds) - 1) * len(lrs) + len(lrs) // 2]
     best_kind = HeadKind(best["n_last_blocks"], best["avgpool"])
     lr_pos = [float(x) for x in lrs].index(best["lr"])
-    t1, t5, nt = evaluate(test, None)[best_kind]
+    t1, t5, _, nt = evaluate(test, None)[best_kind]
     return {
         "test_top1": 100.0 * t1[lr_pos].item() / nt,
         "test_top5": 100.0 * t5[lr_pos].item() / nt,
@@ -350,6 +388,7 @@ def run(args: argparse.Namespace) -> dict:
             min_steps=int(lc.min_steps) if setup.few_label else 0,
             stratify=setup.few_label,
             standardize=bool(lc.standardize),
+            min_val_per_class=int(lc.min_val_per_class),
         )
 
     res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
@@ -361,7 +400,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for kind in sorted({(h["n_last_blocks"], h["avgpool"]) for h in heads}):
         hk = [h for h in heads if (h["n_last_blocks"], h["avgpool"]) == kind]
-        b = max(hk, key=lambda h: h["val_top1"])
+        b = pick_head(hk)
         chosen = b["head"] == res["best_head"]
         rows.append(
             {

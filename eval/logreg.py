@@ -20,7 +20,7 @@ import torch
 
 from dinolike.evaluation.features import FeatureSet
 
-from .linear import split_train_val, standardizer
+from .linear import pick_head, split_train_val, standardizer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ def _accuracies(proba: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[
     return 100.0 * float(hit[:, 0].mean()), 100.0 * float(hit.any(axis=1).mean())
 
 
+def _mean_nll(proba: np.ndarray, classes: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of the true labels; a label the model never saw (absent from fit) counts as p = 1e-12."""
+    col = {int(c): i for i, c in enumerate(classes.tolist())}
+    p = np.array([proba[r, col[int(t)]] if int(t) in col else 0.0 for r, t in enumerate(y.tolist())])
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(p) else float("nan")
+
+
 def logreg_eval(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -65,6 +72,7 @@ def logreg_eval(
     backend: str = "auto",
     blas_threads: int | None = 1,
     stratify: bool = False,
+    min_val_per_class: int = 5,
 ) -> dict[str, Any]:
     """Multinomial L2 logistic regression: minimise  sum_i -log softmax(W x_i + b)_{y_i} + ||W||^2 / (2C).
 
@@ -73,8 +81,9 @@ def logreg_eval(
     much faster on unit-scale inputs; pixels and ViT tokens have very different scales).
     blas_threads caps the BLAS thread pool during the fits: each L-BFGS step is a small matmul, and on
     a busy machine a multi-threaded BLAS spin-waits and runs ~10x slower than a single thread.
-    A few-label split holds out a class-stratified part (`stratify`); with nothing to hold out (1 shot)
-    the grid's middle C is used without a sweep.
+    A few-label split holds out a class-stratified part (`stratify`); with nothing to hold out (1 shot,
+    or under `min_val_per_class` images of a class: see split_train_val) the grid's middle C is used
+    without a sweep.
     """
     from threadpoolctl import threadpool_limits
 
@@ -91,6 +100,7 @@ def logreg_eval(
             standardize=standardize,
             backend=backend,
             stratify=stratify,
+            min_val_per_class=min_val_per_class,
         )
 
 
@@ -107,6 +117,7 @@ def _logreg_eval(
     standardize: bool,
     backend: str,
     stratify: bool,
+    min_val_per_class: int,
 ) -> dict[str, Any]:
     if backend == "auto":
         backend = "cuml" if _cuml_available() else "sklearn"
@@ -118,7 +129,7 @@ def _logreg_eval(
     test_x = np.asarray(test_x, dtype=np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     labels = torch.from_numpy(train_y).long() if stratify else None
-    fit_idx, val_idx = (i.numpy() for i in split_train_val(len(train_x), val_fraction, seed, labels))
+    fit_idx, val_idx = (i.numpy() for i in split_train_val(len(train_x), val_fraction, seed, labels, min_val_per_class))
 
     def scale(fit_rows: np.ndarray, *xs: np.ndarray) -> list[np.ndarray]:
         if not standardize:
@@ -139,11 +150,13 @@ def _logreg_eval(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # ConvergenceWarning at tiny C is expected and harmless
             model.fit(xf, train_y[fit_idx])
-        v1, _ = _accuracies(np.asarray(model.predict_proba(xv)), np.asarray(model.classes_), train_y[val_idx])
+        proba, classes = np.asarray(model.predict_proba(xv)), np.asarray(model.classes_)  # [N_val, C], [C]
+        v1, _ = _accuracies(proba, classes, train_y[val_idx])
         n_iter = int(np.max(getattr(model, "n_iter_", [-1])))
-        sweep.append({"C": c, "val_top1": v1, "n_iter": n_iter, "seconds": time.perf_counter() - t0})
+        sweep.append({"C": c, "val_top1": v1, "val_loss": _mean_nll(proba, classes, train_y[val_idx]),
+                      "n_iter": n_iter, "seconds": time.perf_counter() - t0})
     if sweep:
-        best = max(sweep, key=lambda r: r["val_top1"])
+        best = pick_head(sweep)  # the linear probe's rule: top-1, ties to the lowest cross-entropy
     else:  # nothing held out to choose on
         best = {"C": sorted(float(c) for c in cs)[len(cs) // 2], "val_top1": float("nan")}
     xa, xt = scale(train_x, train_x, test_x)
@@ -203,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
             backend=str(lc.backend),
             blas_threads=None if lc.blas_threads is None else int(lc.blas_threads),
             stratify=setup.few_label,
+            min_val_per_class=int(lc.min_val_per_class),
         )
 
     res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)

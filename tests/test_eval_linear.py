@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinolike.evaluation.features import FeatureSet
-from eval.linear import head_kinds, linear_probe, split_train_val, standardizer
+from eval.linear import head_kinds, linear_probe, pick_head, split_train_val, standardizer
 from eval.logreg import logreg_eval
 
 
@@ -111,3 +111,24 @@ def test_a_dimension_constant_in_the_fit_rows_is_left_unscaled() -> None:
     test.cls[:, :, 0] = 50.0 * torch.sign(torch.randn(300, 4, generator=torch.Generator().manual_seed(2)))
     res = linear_probe(train, test, lrs=[0.1], epochs=10, batch_size=32, seed=0)
     assert res["test_top1"] > 50.0  # ~20 % when the border pixel is divided by its ~0 spread
+
+
+def test_heads_tied_on_validation_accuracy_are_told_apart_by_their_cross_entropy() -> None:
+    # well-separated clusters: several lrs reach 100 % on the hold-out; the first of them is the least trained
+    def clusters(n: int, seed: int) -> FeatureSet:
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.randint(0, 4, (n,), generator=g)
+        centres = 4.0 * torch.randn(4, 8, generator=torch.Generator().manual_seed(7))  # [4, D]
+        return FeatureSet((centres[labels] + torch.randn(n, 8, generator=g))[:, None], None, labels)
+
+    train, test = clusters(400, 0), clusters(500, 1)
+    res = linear_probe(train, test, lrs=[1e-3, 1e-2, 0.1, 1.0], epochs=5, batch_size=64, val_fraction=0.1, seed=0)
+    top = max(h["val_top1"] for h in res["heads"])
+    tied = [h for h in res["heads"] if h["val_top1"] == top]
+    assert len(tied) > 1  # the situation the second key exists for
+    assert res["best_head"] == min(tied, key=lambda h: h["val_loss"])["head"] != tied[0]["head"]
+    assert all(h["val_loss"] > 0 for h in res["heads"])
+    # accuracy still comes first: a lower loss never beats a higher validation accuracy
+    heads = [{"head": "a", "val_top1": 90.0, "val_loss": 0.9}, {"head": "b", "val_top1": 80.0, "val_loss": 0.1},
+             {"head": "c", "val_top1": 90.0, "val_loss": 0.5}]
+    assert pick_head(heads)["head"] == "c"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dinolike.data.datasets import FashionMNIST
+from dinolike.evaluation.features import FeatureSet
 from eval.fewlabel import FewLabelError, few_label_indices, mean_and_spread, per_class_counts, split_label
 from eval.knn import knn_eval
 
@@ -83,6 +84,47 @@ def test_stratified_holdout_keeps_every_class_in_the_fit_part() -> None:
     assert torch.bincount(labels[fit], minlength=10).tolist() == [4] * 10
     fit1, val1 = split_train_val(10, 0.1, seed=0, labels=torch.arange(10))  # 1 shot: nothing to hold out
     assert len(val1) == 0 and sorted(fit1.tolist()) == list(range(10))
+
+
+def test_a_holdout_too_small_to_choose_on_is_folded_back_into_the_fit_part() -> None:
+    from eval.linear import split_train_val
+
+    labels = torch.arange(10).repeat_interleave(10)  # 10 shots: 1 image per class would be held out
+    fit, val = split_train_val(len(labels), 0.1, seed=0, labels=labels, min_val_per_class=5)
+    assert len(val) == 0 and sorted(fit.tolist()) == list(range(100))
+    labels = torch.arange(10).repeat_interleave(60)  # 1 % of Fashion-MNIST: 6 per class, enough
+    fit, val = split_train_val(len(labels), 0.1, seed=0, labels=labels, min_val_per_class=5)
+    assert torch.bincount(labels[val], minlength=10).tolist() == [6] * 10 and len(fit) == 540
+    # the unstratified split of a full train set is unaffected by the per-class minimum
+    assert len(split_train_val(1000, 0.1, seed=0, min_val_per_class=5)[1]) == 100
+
+
+def _fmnist_pixels(split: str) -> FeatureSet:
+    ds = FashionMNIST(split=split)
+    x = torch.tensor(ds.images, dtype=torch.float32).flatten(1) / 255.0  # [N, 784]
+    return FeatureSet(x[:, None], None, torch.as_tensor(ds.labels).long())
+
+
+def test_few_shot_linear_probe_on_fashion_mnist_pixels_does_not_pick_a_head_by_coin_toss() -> None:
+    """At 5 shots a 10 % hold-out is one image per class: choosing among 13 lrs on it picked lr 1e-5 on
+    split 1 (47.5 % test top-1 against 62-64 % for splits 0 and 2). Without a usable hold-out every shot
+    fits and the grid's default head is used, so no split falls that far behind the others."""
+    from eval.linear import linear_probe
+    from eval.logreg import logreg_eval
+
+    train, test = _fmnist_pixels("train"), _fmnist_pixels("test")
+    lrs = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
+    scores = []
+    for seed in range(3):
+        idx = few_label_indices(train.labels, seed, shots=5)
+        res = linear_probe(train.subset(idx), test, lrs=lrs, epochs=30, min_steps=1000, stratify=True)
+        assert res["n_val"] == 0 and res["n_fit"] == 50 and res["best_lr"] == 1e-3, res["best_head"]
+        scores.append(res["test_top1"])
+    assert min(scores) > 57.0 and max(scores) - min(scores) < 6.0, scores  # raw-pixel kNN at 5 shots: ~57 %
+    idx = few_label_indices(train.labels, 1, shots=5)
+    lr = logreg_eval(train.cls[idx, 0].numpy(), train.labels[idx].numpy(), test.cls[:2000, 0].numpy(),
+                     test.labels[:2000].numpy(), cs=[0.01, 0.1, 1.0], stratify=True, backend="sklearn")
+    assert lr["sweep"] == [] and lr["best_C"] == 0.1 and lr["test_top1"] > 55.0
 
 
 def _eval(protocol: str, tmp_path, *flags: str) -> dict:
