@@ -42,7 +42,7 @@ def split_train_val(
     gives max(1, round(val_fraction * n_c)) of them, keeping at least one to fit; a class of one image
     keeps it to fit. The validation part is empty (everything fits) when every class has a single image
     (1 shot) or when some class would hold out fewer than `min_val_per_class` images: a hold-out of one
-    image per class cannot tell dozens of heads apart (at 5 and 10 shots it picked heads 15-40 points
+    image per class cannot tell dozens of heads apart (at 5 and 10 shots it picked heads 15-42 points
     below their neighbours), so the callers use their grid's fixed default instead of a coin toss.
     """
     if not 0.0 < val_fraction < 1.0:
