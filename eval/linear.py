@@ -122,7 +122,7 @@ def pick_head(heads: Sequence[dict[str, Any]]) -> dict[str, Any]:
     image per class (there it too picked lr 1e-5 on a split of raw pixels): split_train_val's
     `min_val_per_class` leaves such splits to the grid's default.
     """
-    return min(heads, key=lambda h: (-h["val_top1"], h.get("val_loss", 0.0)))
+    return min(heads, key=lambda h: (-h["val_top1"], h["val_loss"]))
 
 
 class _HeadBank:
@@ -292,11 +292,16 @@ def _linear_probe(
             step += 1
 
     @torch.no_grad()
-    def evaluate(feats: FeatureSet, rows: Tensor | None) -> dict[HeadKind, tuple[Tensor, Tensor, Tensor, int]]:
-        """Per input kind: top-1 and top-5 counts [H] and summed cross-entropy [H] over `rows`, and their count."""
+    def evaluate(
+        feats: FeatureSet, rows: Tensor | None, only: HeadKind | None = None
+    ) -> dict[HeadKind, tuple[Tensor, Tensor, Tensor, int]]:
+        """Per input kind (or just `only`): top-1 and top-5 counts [H], summed cross-entropy [H] over `rows`,
+        and their count."""
         res: dict[HeadKind, tuple[Tensor, Tensor, Tensor, int]] = {}
         n = len(feats) if rows is None else len(rows)
         for kind, bank in banks.items():
+            if only is not None and kind != only:
+                continue
             c1 = torch.zeros(len(lrs), dtype=torch.long, device=device)
             c5 = torch.zeros_like(c1)
             nll = torch.zeros(len(lrs), dtype=torch.float64, device=device)
@@ -332,7 +337,7 @@ def _linear_probe(
         best = heads[(len(kinds) - 1) * len(lrs) + len(lrs) // 2]
     best_kind = HeadKind(best["n_last_blocks"], best["avgpool"])
     lr_pos = [float(x) for x in lrs].index(best["lr"])
-    t1, t5, _, nt = evaluate(test, None)[best_kind]
+    t1, t5, _, nt = evaluate(test, None, only=best_kind)[best_kind]  # the test set sees only the chosen kind
     return {
         "test_top1": 100.0 * t1[lr_pos].item() / nt,
         "test_top5": 100.0 * t5[lr_pos].item() / nt,

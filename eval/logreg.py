@@ -53,9 +53,11 @@ def _accuracies(proba: np.ndarray, classes: np.ndarray, y: np.ndarray) -> tuple[
 
 def _mean_nll(proba: np.ndarray, classes: np.ndarray, y: np.ndarray) -> float:
     """Mean cross-entropy of the true labels; a label the model never saw (absent from fit) counts as p = 1e-12."""
-    col = {int(c): i for i, c in enumerate(classes.tolist())}
-    p = np.array([proba[r, col[int(t)]] if int(t) in col else 0.0 for r, t in enumerate(y.tolist())])
-    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(p) else float("nan")
+    if not len(y):
+        return float("nan")
+    pos = np.clip(np.searchsorted(classes, y), 0, len(classes) - 1)  # classes_ are sorted (scikit-learn, cuML)
+    p = np.where(classes[pos] == y, proba[np.arange(len(y)), pos], 0.0)  # [N]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean())
 
 
 def logreg_eval(
