@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinolike.evaluation.features import FeatureSet
+from dinolike.evaluation.features import KNN_FEATURES, FeatureError, FeatureSet
 from dinolike.evaluation.knn import knn_eval
 
 
@@ -28,6 +28,9 @@ def run(args: argparse.Namespace) -> dict:
 
     setup = EvalSetup.from_args(args)
     kcfg = setup.cfg.eval.knn
+    kind = str(kcfg.features)
+    if kind not in KNN_FEATURES:  # before the extraction, which can take minutes
+        raise FeatureError(f"eval.knn.features={kind!r}: one of {' | '.join(KNN_FEATURES)}")
     train, test = (
         setup.features(args.train_dataset, args.limit_train),
         setup.features(args.val_dataset, args.limit_val),
@@ -35,11 +38,11 @@ def run(args: argparse.Namespace) -> dict:
     t = setup.timer()
     dev = setup.device  # the GPU when there is one: the similarity matmul is the whole cost
     ks = tuple(int(k) for k in kcfg.ks)
-    test_feats = test.knn_features().to(dev)
+    test_feats = test.knn_features(kind).to(dev)
 
     def fit(tr: FeatureSet) -> dict[str, float]:
         return knn_eval(
-            tr.knn_features().to(dev),
+            tr.knn_features(kind).to(dev),
             tr.labels,
             test_feats,
             test.labels,
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
 
     metrics, few_rows, few = setup.over_label_splits(
         train, fit, lambda m: {f"k{k}_top1": m[f"k{k}_top1"] for k in ks})
-    extra = {"temperature": float(kcfg.temperature), "protocol_seconds": t()}
+    extra = {"temperature": float(kcfg.temperature), "features": kind, "protocol_seconds": t()}
     if few is not None:
         return setup.finish("knn", metrics, few_rows, extra={**extra, "few_label": few}, train=train, test=test)
     rows = [{"k": k, "top1": metrics[f"k{k}_top1"], "top5": metrics[f"k{k}_top5"]} for k in ks]

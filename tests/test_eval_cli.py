@@ -315,3 +315,25 @@ def test_a_run_config_from_another_version_evaluates_with_a_warning(tmp_path, ca
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["model"]["patch_size"] == 7 and 0 < res["metrics"]["k20_top1"] <= 100
     assert eval_main([*base, "collapse.uniform_ratio=0.9"]) == 2  # the command line stays strict
+
+
+def test_knn_with_cls_plus_patch_features_and_its_errors(tmp_path, capsys) -> None:
+    """eval.knn.features=cls+patches votes with CLS + pooled patch tokens (recorded in results.json); a
+    misspelt kind fails before any extraction, raw pixels (no patch tokens) fail with one line."""
+    base = ["--limit-train", "300", "--limit-val", "100", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    out = {}
+    for kind in ("cls", "cls+patches"):
+        args = ["knn", "--pretrained", "random", *PICO, *base, "--output-dir", str(tmp_path / kind),
+                f"eval.knn.features={kind}", "eval.knn.ks=[20]"]
+        assert eval_main(args) == 0
+        out[kind] = json.loads((tmp_path / kind / "results.json").read_text())
+    assert out["cls+patches"]["features"] == "cls+patches" and out["cls"]["features"] == "cls"
+    assert out["cls+patches"]["feature_cache_hits"] == {"fmnist:train": True, "fmnist:test": True}
+    assert 30.0 < out["cls+patches"]["metrics"]["k20_top1"] <= 100.0  # a random ViT is far above chance
+    capsys.readouterr()
+    assert eval_main(["knn", "--pretrained", "random", *PICO, *base, "eval.knn.features=patch"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.knn.features='patch': one of cls | cls+patches" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists() or len(list((tmp_path / "cache").iterdir())) == 2  # nothing new
+    assert eval_main(["knn", "--pretrained", "pixels", *base, "eval.knn.features=cls+patches"]) == 2
+    assert "raw pixels" in capsys.readouterr().err

@@ -147,3 +147,25 @@ def test_linear_input_layout() -> None:
     assert torch.equal(x[0], torch.tensor([6.0, 7, 8, 9, 10, 11, -1, -1, -1]))
     with pytest.raises(ValueError, match="only 4 stored"):
         fs.linear_input(5, avgpool=False)
+
+
+def test_knn_features_cls_plus_patches_averages_the_two_cosines() -> None:
+    """"cls+patches": the cosine of two rows is the mean of their CLS and patch-mean cosines, whatever
+    the scale of either part; raw pixels (no patch tokens) and unknown kinds are clear errors."""
+    from dinolike.evaluation.features import FeatureError
+
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(6, 2, 5, generator=g)  # [N, L, D]
+    patches = 30.0 * torch.randn(6, 5, generator=g)  # a much larger scale than the CLS tokens
+    fs = FeatureSet(cls, patches, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(fs.knn_features(), cls[:, -1])
+    x = torch.nn.functional.normalize(fs.knn_features("cls+patches"), dim=1)  # [N, 2D]
+    assert x.shape == (6, 10)
+    cos = torch.nn.functional.cosine_similarity
+    for i, j in ((0, 1), (2, 5), (3, 4)):
+        want = 0.5 * (cos(cls[i, -1], cls[j, -1], dim=0) + cos(patches[i], patches[j], dim=0))
+        assert torch.allclose(x[i] @ x[j], want, atol=1e-6)
+    with pytest.raises(FeatureError, match="raw pixels"):
+        FeatureSet(cls, None, fs.labels).knn_features("cls+patches")
+    with pytest.raises(FeatureError, match="unknown kNN features 'patches'"):
+        fs.knn_features("patches")

@@ -15,10 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
+
+KNN_FEATURES = ("cls", "cls+patches")  # eval.knn.features
+
 
 class FeatureError(RuntimeError):
     """Extraction cannot produce features (e.g. no image of the dataset decodes); shown without traceback."""
@@ -45,9 +49,21 @@ class FeatureSet:
     def n_blocks(self) -> int:
         return int(self.cls.shape[1])
 
-    def knn_features(self) -> Tensor:
-        """The final normalised CLS token [N, D], the representation the kNN protocol uses."""
-        return self.cls[:, -1]
+    def knn_features(self, kind: str = "cls") -> Tensor:
+        """The kNN representation: "cls", the final normalised CLS token [N, D] (the DINO protocol), or
+        "cls+patches", that token and the pooled patch tokens, each L2-normalised, side by side [N, 2D].
+
+        With "cls+patches" the cosine of two images is the mean of their CLS and patch-mean cosines: the
+        patch tokens carry what iBOT trains, which the CLS token alone leaves out of the kNN vote.
+        """
+        if kind not in KNN_FEATURES:
+            raise FeatureError(f"unknown kNN features {kind!r}: one of {' | '.join(KNN_FEATURES)}")
+        if kind == "cls":
+            return self.cls[:, -1]
+        if self.patch_mean is None:
+            raise FeatureError("kNN features 'cls+patches' need patch tokens; these features have none (raw pixels)")
+        return torch.cat([F.normalize(self.cls[:, -1].float(), dim=1), F.normalize(self.patch_mean.float(), dim=1)],
+                         dim=1)  # [N, 2D]
 
     def linear_input(self, n_last_blocks: int, avgpool: bool) -> Tensor:
         """DINOv2 linear-probe input: concat of the last n CLS tokens (+ pooled patches) -> [N, n*D (+D)]."""
