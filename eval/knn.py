@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dinolike.evaluation.features import KNN_FEATURES, FeatureError, FeatureSet
+from dinolike.evaluation.features import FeatureSet, check_knn_features
 from dinolike.evaluation.knn import knn_eval
 
 
@@ -28,9 +28,7 @@ def run(args: argparse.Namespace) -> dict:
 
     setup = EvalSetup.from_args(args)
     kcfg = setup.cfg.eval.knn
-    kind = str(kcfg.features)
-    if kind not in KNN_FEATURES:  # before the extraction, which can take minutes
-        raise FeatureError(f"eval.knn.features={kind!r}: one of {' | '.join(KNN_FEATURES)}")
+    kind = check_knn_features(str(kcfg.features))  # before the extraction, which can take minutes
     train, test = (
         setup.features(args.train_dataset, args.limit_train),
         setup.features(args.val_dataset, args.limit_val),

@@ -28,6 +28,13 @@ class FeatureError(RuntimeError):
     """Extraction cannot produce features (e.g. no image of the dataset decodes); shown without traceback."""
 
 
+def check_knn_features(kind: str) -> str:
+    """`kind` if it names a kNN representation (eval.knn.features), else a one-line FeatureError."""
+    if kind not in KNN_FEATURES:
+        raise FeatureError(f"eval.knn.features={kind!r}: one of {' | '.join(KNN_FEATURES)}")
+    return kind
+
+
 @dataclass
 class FeatureSet:
     """Features of one dataset: what the protocols consume.
@@ -56,9 +63,7 @@ class FeatureSet:
         With "cls+patches" the cosine of two images is the mean of their CLS and patch-mean cosines: the
         patch tokens carry what iBOT trains, which the CLS token alone leaves out of the kNN vote.
         """
-        if kind not in KNN_FEATURES:
-            raise FeatureError(f"unknown kNN features {kind!r}: one of {' | '.join(KNN_FEATURES)}")
-        if kind == "cls":
+        if check_knn_features(kind) == "cls":
             return self.cls[:, -1]
         if self.patch_mean is None:
             raise FeatureError("kNN features 'cls+patches' need patch tokens; these features have none (raw pixels)")
