@@ -174,3 +174,38 @@ def check_values(cfg: DictConfig, choices: Mapping[str, Collection] = {},  # noq
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+
+
+# Keys that change how a run runs but not what it computes (a worker count, a checkpoint interval or a
+# progress bar changes no weight): changing them resumes a run (and a pipeline stage) instead of refusing
+# or starting over.
+OPERATIONAL = (
+    "run.progress", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.time_limit_min",
+    "run.tensorboard", "run.wandb", "run.compile", "run.compile_mode", "data.num_workers", "data.pin_memory",
+    "data.augment_on_device", "dist.activation_checkpointing", "dist.activation_checkpointing_scope",
+    "embed.progress", "embed.num_workers",
+)
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: one entry per leaf (lists are leaves)."""
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(old: Mapping, new: Mapping, ignore: Iterable[str] = ()) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every leaf both configs hold with different values, sorted by key.
+    `ignore`: keys, or sections written with a trailing dot ("eval."), left out. A key only one side holds
+    is no change: the schema gained or lost it between the two dinolike versions that wrote them."""
+    a, b = flatten(old), flatten(new)
+    skip = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(key == s or (s.endswith(".") and key.startswith(s)) for s in skip)
+
+    return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k] and not ignored(k)]

@@ -7,7 +7,8 @@ the 2-core development box the default recipe runs ~1.2x faster that way (BENCHM
 The parent only supervises: it starts the children with the torchrun variables (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR/PORT) and an equal share of the cores as OMP_NUM_THREADS, in their own session so
 that Ctrl-C reaches only the parent, which turns it (and SIGTERM) into SIGTERM for the children and
-forwards SIGUSR2: the job checkpoints and exits 3 as a single process would. If one child fails, the
+forwards SIGUSR2: the job checkpoints and exits 3 as a single process would; a second Ctrl-C reaches the
+children as SIGINT, which aborts them at once. If one child fails, the
 parent stops the others instead of leaving them blocked in a collective; if the parent dies, Linux
 sends the children SIGTERM. The exit status is the first failing child's, else theirs.
 """
@@ -61,8 +62,18 @@ def run_local(argv: list[str], n: int, program: list[str] | None = None) -> int:
     procs = [subprocess.Popen(cmd, env=child_env(r, n, port, threads), start_new_session=True,
                               preexec_fn=_die_with_parent) for r in range(n)]
 
+    interrupts = 0
+
     def forward(signum: int, frame: object) -> None:
+        nonlocal interrupts
         sent = signal.SIGUSR2 if signum == signal.SIGUSR2 else signal.SIGTERM
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts == 1:
+                os.write(2, b"\nCtrl-C: stopping after this iteration with a checkpoint and the teacher export "
+                            b"(Ctrl-C again to abort at once)\n")
+            else:
+                sent = signal.SIGINT  # a second Ctrl-C: the children, already stopping, abort now
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sent)

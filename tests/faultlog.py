@@ -54,6 +54,37 @@ FAULTS: dict[str, tuple[str, str]] = {
                       "later steps refuse it with a one-line error; `embed` recomputes it, equal to a clean run"),
     "embed-killed": ("curation `embed` killed (`kill -9`) mid-shard",
                      "rerun keeps complete shards untouched and computes the rest, equal to a clean run"),
+    "constant-embeddings": ("`configs/folder_vits14.yaml` shrunk to a CPU (ViT pico, 32 px, 8 iterations) with "
+                            "LayerScale 1e-5: every image gets the same CLS embedding",
+                            "warned at the first logged row (log.txt and terminal); the run ends with a one-line "
+                            "error, exit 1, nothing exported; `dinolike export` refuses the checkpoint (exit 2) "
+                            "unless `--allow-collapsed`, which marks the model card; the recipe's own LayerScale "
+                            "(0.1) trains and exports"),
+    "no-config": ("`dinolike train` without `--config`",
+                  "one-line error naming the shipped recipes, exit 2; nothing started or created"),
+    "ctrl-c": ("Ctrl-C (a real SIGINT to the process group) mid-run, 1 and 2 processes; Ctrl-C twice",
+               "checkpoint and teacher export of that iteration, exit 3, no traceback; twice: abort at once with "
+               "one line, exit 130, the last checkpoint intact"),
+    "disk-full-tmpfs": ("a real full filesystem (a tmpfs mounted with room for the logs only) while writing a "
+                        "checkpoint (root only; skipped otherwise)",
+                        "one-line error naming the file, ENOSPC and the intact previous checkpoint, exit 1; no "
+                        "temp file left; after room is made the same command ends bit-identical"),
+    "output-dir": ("`run.output_dir` that is a file, or on a read-only filesystem",
+                   "one-line error before any work, exit 2"),
+    "bad-values": ("negative lr or weight decay, min_lr above the lr, momentum or betas above 1, an inverted "
+                   "crop-scale range",
+                   "one-line error naming the key and its range, exit 2, before anything is created; every "
+                   "shipped recipe passes"),
+    "resume-changed-config": ("rerun of a finished run with `optim.epochs` and `optim.base_lr` changed",
+                              "refused with the keys that differ (old -> new), exit 2; config.yaml and checkpoints "
+                              "untouched; operational keys may differ; `run.allow_config_change=true` resumes and "
+                              "logs the changes"),
+    "log-txt": ("a clean run, a resume past a damaged checkpoint, a run that fails",
+                "log.txt and the terminal (with `run.progress=false` too) hold the start summary, every metrics "
+                "row, resume warnings, the end or the error"),
+    "cpu-estimate": ("`configs/folder_vits14.yaml` (ViT-S/14, 224 px) started on a CPU",
+                     "before the first step: a warning with the estimated time on this CPU (log.txt and "
+                     "terminal); the CPU main job gets none"),
 }
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import SMOKE
 
 from launch import submit as sub
 from launch.task import EXIT_REQUEUE, LaunchTask, SignalGuard, resolve_entry
@@ -117,7 +118,8 @@ def test_cli_reports_a_rejected_submission(tmp_path, monkeypatch, capsys):
     _write_exe(bindir / "srun", "#!/bin/sh\n")
     _write_exe(bindir / "sbatch", "#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    status = sub.main(["train", "--partition", "nope", "--job-dir", str(tmp_path / "j")])
+    status = sub.main(["train", "--partition", "nope", "--job-dir", str(tmp_path / "j"), "--", "--config",
+                       str(SMOKE)])
     assert status == 1
     assert "invalid partition" in capsys.readouterr().err
 

@@ -15,8 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import Tensor, nn
 
-# matmul sizes tried for the peak, per device type (the largest reaches a GPU's steady state)
-PEAK_SIZES: dict[str, tuple[int, ...]] = {"cuda": (2048, 4096, 8192), "cpu": (256, 512, 1024)}
+from dinolike.train.estimate import PEAK_SIZES, peak_matmul_flops, sync  # noqa: F401 - the bench's names too
 
 # aten op name (substring) -> kernel family, most specific first (the CPU flash op also names "flash")
 _SDPA_OPS = (
@@ -30,11 +29,6 @@ _SDPA_OPS = (
 SDPA_CHOICES = ("auto", "cudnn", "flash", "efficient", "math")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextmanager
 def timed(acc: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
     """Adds the phase's wall time to acc[name]; syncs the device on both sides (so the bench's phase
@@ -44,33 +38,6 @@ def timed(acc: dict[str, float], name: str, device: torch.device) -> Iterator[No
     yield
     sync(device)
     acc[name] += time.perf_counter() - t
-
-
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...] | None = None,
-                      min_seconds: float = 0.1) -> tuple[float, int]:
-    """(best FLOP/s, the size n that reached it) over n x n @ n x n matmuls: the ceiling MFU is quoted
-    against. Each size runs long enough (`min_seconds`) that launch and clock ramp-up wash out."""
-    sizes = sizes or PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"])
-    best, best_n = 0.0, sizes[0]
-    for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        reps = max(3, int(min_seconds / max(time.perf_counter() - t, 1e-9)))
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(device)
-        flops = 2 * n**3 * reps / (time.perf_counter() - t)
-        if flops > best:
-            best, best_n = flops, n
-        del a, b
-    return best, best_n
 
 
 def sdpa_context(choice: str) -> AbstractContextManager:

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="official: DINOv2 .pth; hf: transformers folder; timm: timm local-dir folder")
     p.add_argument("--out", required=True, help="output directory (created; our files in it are replaced)")
+    p.add_argument("--allow-collapsed", action="store_true",
+                   help="export a backbone that gives every input the same embedding (refused by default); "
+                        "its model card then says so")
     p.add_argument(
         "--which",
         default="teacher",
@@ -60,9 +63,15 @@ def _interpolation_note(cfg: dict[str, Any], fmt: str) -> str | None:
     return None
 
 
-def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") -> Path:
+class CollapsedBackboneError(ValueError):
+    """The backbone gives every input the same embedding: exporting it would ship a useless model."""
+
+
+def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", allow_collapsed: bool = False) -> Path:
     """Convert `ckpt` into `fmt` under `out`; returns the directory. Raises CheckpointMismatchError
-    (InteropError) with a readable message on bad input."""
+    (InteropError) with a readable message on bad input, and CollapsedBackboneError for a backbone whose
+    CLS embedding is the same for every probe image (unless `allow_collapsed`: the model card says so)."""
+    from dinolike.evaluation.spread import CONSTANT_COSINE, backbone_cls_cosine
     from dinolike.interop import hf, timm
     from dinolike.interop.official import read_backbone_with_cfg
     from dinolike.interop.run_info import find_run_config, model_card, preprocessing
@@ -80,13 +89,20 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
     out.mkdir(parents=True, exist_ok=True)
     run_cfg, run_dir = find_run_config(ckpt)
     prep = preprocessing(run_cfg, explicit)
+    cosine = backbone_cls_cosine(model, int(explicit.get("in_chans", 3)), prep.crop)
+    collapsed = cosine if cosine >= CONSTANT_COSINE else None
+    if collapsed is not None and not allow_collapsed:
+        raise CollapsedBackboneError(
+            f"refusing to export {ckpt}: it gives every input the same CLS embedding (mean cosine {cosine:.5f} "
+            "over 32 probe images), so it has collapsed or never learned (e.g. LayerScale 1e-5 in a short run); "
+            "--allow-collapsed exports it anyway, marked so in its model card")
     if fmt == "official":
         export_backbone(model, explicit, out / "backbone.pth")
     elif fmt == "hf":
         hf.save_hf(out, state, explicit, prep)
     else:
         timm.save_timm(out, state, explicit, prep)
-    (out / "README.md").write_text(model_card(fmt, explicit, prep, run_cfg, run_dir, str(ckpt)))
+    (out / "README.md").write_text(model_card(fmt, explicit, prep, run_cfg, run_dir, str(ckpt), collapsed))
     for f in out.iterdir():  # temp-file writers create 600 files; an export is meant to be shared
         if f.is_file() and not f.name.startswith("."):
             f.chmod(0o644)
@@ -99,7 +115,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher") 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = export(args.ckpt, args.format, args.out, args.which)
+        out = export(args.ckpt, args.format, args.out, args.which, args.allow_collapsed)
     except (CheckpointMismatchError, FileNotFoundError, ValueError, OSError) as e:
         print(f"dinolike export: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinolike.commands.packages import import_command
 from dinolike.commands.train import main as train_main
-from dinolike.config import ConfigError, load_config
+from dinolike.config import OPERATIONAL, ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
 from dinolike.pipeline.lineage import STATE_DIR, now, read_state, recorded_digest, state_path, write_json
@@ -212,15 +212,9 @@ def inputs(out: Path, stage: Stage) -> dict[str, Path]:
     return {**found, **({"checkpoint": newest_checkpoint(stage_dir(out, trained[0]))} if trained else {})}
 
 
-# Settings that change how a stage runs, not what it produces (the loader gives the same batches with any
-# worker count; a checkpoint interval or a progress bar changes no weight): changing them resumes the stage
-# instead of starting it over.
-OPERATIONAL = (
-    "run.progress", "run.log_every", "run.checkpoint_every", "run.keep_last", "run.time_limit_min",
-    "run.tensorboard", "run.wandb", "run.compile", "run.compile_mode", "data.num_workers", "data.pin_memory",
-    "data.augment_on_device", "dist.activation_checkpointing", "dist.activation_checkpointing_scope",
-    "embed.progress", "embed.num_workers",
-)
+# Settings that change how a stage runs, not what it produces (dinolike.config.OPERATIONAL: the loader gives
+# the same batches with any worker count; a checkpoint interval or a progress bar changes no weight):
+# changing them resumes the stage instead of starting it over.
 
 
 def _without_operational(config: dict[str, Any]) -> dict[str, Any]:

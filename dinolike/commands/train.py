@@ -10,9 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dinolike.config import ConfigError, load_config
+from dinolike.config import CONFIG_DIR, ConfigError, load_config
 from dinolike.dist import launcher
 from dinolike.local_procs import CHILD_ENV, run_local
+from dinolike.train.rundir import check_output_dir
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -29,12 +30,22 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
     return command, build_parser(command).parse_intermixed_args(argv[1:])
 
 
+def missing_config_message() -> str:
+    """No --config: base.yaml alone is the ViT-L schema (125k iterations of 224 px crops), never what a user
+    meant, so name the recipes instead of starting it."""
+    recipes = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name != "base.yaml")
+    return ("give a recipe with --config FILE, e.g. --config configs/fmnist_cpu.yaml (the CPU main job) or "
+            f"configs/folder_vits14.yaml (your images, one GPU); shipped in {CONFIG_DIR}: {', '.join(recipes)}")
+
+
 def validate(argv: list[str]) -> DictConfig:
     """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
     runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
     from dinolike.train.validate import check_train_config
 
     command, args = parse(argv)
+    if not args.config:
+        raise ConfigError(missing_config_message())
     overrides = list(args.overrides)
     if command == "distill" and args.teacher:
         overrides.append(f"distill.teacher={args.teacher}")
@@ -49,6 +60,8 @@ def main(argv: list[str]) -> int:
     command = argv[0]
     try:
         cfg = validate(argv)
+        if os.environ.get(CHILD_ENV) != "1":  # once, here, before any child process starts
+            check_output_dir(Path(cfg.run.output_dir))
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
@@ -69,35 +82,57 @@ def main(argv: list[str]) -> int:
             "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
-    from dinolike.train.checkpoint import CheckpointWriteError, NonFiniteStateError
+    from dinolike.train.checkpoint import NonFiniteStateError, RunWriteError
     from dinolike.train.collapse import CollapseError
     from dinolike.train.loop import NonFiniteLossError, train
 
     try:
         status = train(cfg)
-    except (NonFiniteLossError, NonFiniteStateError, CollapseError, CheckpointWriteError) as e:
+    except (NonFiniteLossError, NonFiniteStateError, CollapseError, RunWriteError) as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, CheckpointMismatchError, DataError, ConfigError, ValueError) as e:
+    except ConfigError as e:
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, CheckpointMismatchError, DataError, ValueError) as e:
         # problems the user can fix: one line, no traceback from deep inside
         print(f"dinolike {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk or the file system: a full disk outside a checkpoint write, a lost mount
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"dinolike {command}: error: {e.strerror or e}{where}; the newest checkpoint in "
+              f"{Path(cfg.run.output_dir) / 'checkpoints'} is intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the second Ctrl-C (the first stops with a checkpoint), or one before training
+        print(f"\ndinolike {command}: interrupted; the newest checkpoint in "
+              f"{Path(cfg.run.output_dir) / 'checkpoints'} (if any) is intact: run the same command to resume",
+              file=sys.stderr)
+        return 130
     if status == 0 and cfg.eval.final_knn and not local_child:
         return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
 
 
 def final_knn(cfg: DictConfig) -> int:
-    """The full kNN evaluation of the exported teacher, printed as a table at the end of the run."""
+    """The full kNN evaluation of the exported teacher, printed as a table at the end of the run (and into
+    its log.txt, by rank 0)."""
     from dinolike.commands.packages import import_command
+    from dinolike.train.tracking import RunLog
 
     knn_main = import_command("eval.knn").main
     out = Path(cfg.run.output_dir)
-    print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
-    return knn_main([
-        "--pretrained", str(out / "teacher_backbone.pth"),
-        "--config", str(out / "config.yaml"),
-        "--train-dataset", cfg.eval.final_train,
-        "--val-dataset", cfg.eval.final_val,
-        "--output-dir", str(out / "eval_knn"),
-    ])
+    with RunLog(out, is_main=os.environ.get("RANK", "0") == "0"):
+        print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
+        try:
+            return knn_main([
+                "--pretrained", str(out / "teacher_backbone.pth"),
+                "--config", str(out / "config.yaml"),
+                "--train-dataset", cfg.eval.final_train,
+                "--val-dataset", cfg.eval.final_val,
+                "--output-dir", str(out / "eval_knn"),
+            ])
+        except KeyboardInterrupt:
+            print(f"\ninterrupted during the final kNN; training is complete ({out / 'teacher_backbone.pth'}): "
+                  f"`dinolike eval knn --pretrained {out / 'teacher_backbone.pth'}` evaluates it later",
+                  file=sys.stderr)
+            return 130

@@ -109,10 +109,11 @@ def run_knn(run_dir: Path | None) -> tuple[float, str] | None:
 
 def model_card(
     fmt: str, model_cfg: dict[str, Any], prep: Preprocessing, run_cfg: dict[str, Any] | None,
-    run_dir: Path | None, source: str,
+    run_dir: Path | None, source: str, collapsed_cosine: float | None = None,
 ) -> str:
     """README.md for the export folder: what the model is, what it saw, how it was trained, how good
-    its features were, and how to load it."""
+    its features were, and how to load it. `collapsed_cosine`: the backbone gives every input the same
+    embedding (exported with --allow-collapsed): the card says so first."""
     library = {"hf": "transformers", "timm": "timm"}.get(fmt, "dinolike")
     c = model_cfg
     regs = int(c.get("n_registers") or 0)
@@ -128,6 +129,9 @@ def model_card(
         "Self-supervised (DINO + iBOT + KoLeo, EMA teacher) image encoder exported by `dinolike export`; "
         "it gives features (CLS token and patch tokens), no classifier.",
         "",
+        *([f"**Warning: collapsed backbone.** Every input gets the same CLS embedding (mean cosine "
+           f"{collapsed_cosine:.5f} between 32 probe images): its features cannot tell images apart. It was "
+           "exported with `--allow-collapsed`, for inspection only.", ""] if collapsed_cosine is not None else []),
         "## Architecture",
         f"- ViT, patch {c['patch_size']}, width {c['embed_dim']}, {c['depth']} blocks, {c['num_heads']} heads, "
         f"FFN {c.get('ffn_layer', 'mlp')} (ratio {c.get('mlp_ratio')}), {regs} register tokens",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from dinolike.train.checkpoint import atomic_save
+from dinolike.train.checkpoint import RunWriteError, atomic_save
 
 
 def export_backbone(backbone: nn.Module, model_cfg: Mapping, path: Path) -> Path:
@@ -17,11 +17,16 @@ def export_backbone(backbone: nn.Module, model_cfg: Mapping, path: Path) -> Path
     from omegaconf import OmegaConf
 
     sd = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    atomic_save(sd, path)
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else dict(model_cfg)
     cfg = {k: v for k, v in cfg.items() if k != "pretrained_weights"}
     sidecar = Path(str(path) + ".json")
     tmp = sidecar.with_name("." + sidecar.name + ".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    tmp.replace(sidecar)
+    try:
+        atomic_save(sd, path)
+        tmp.write_text(json.dumps(cfg, indent=2))
+        tmp.replace(sidecar)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"cannot write the backbone export {path}: {e.strerror or e}; the checkpoints are "
+                            "intact: make room and run the same command again to export it") from None
     return path

@@ -24,14 +24,17 @@ from dinolike.models.load import CheckpointMismatchError
 from dinolike.train import checkpoint as ck
 from dinolike.train.collapse import CollapseWatch
 from dinolike.train.data import build_batch_mover, build_skip_guard, build_train_loader
+from dinolike.train.estimate import estimate_seconds_per_iteration, human_duration
 from dinolike.train.export import export_backbone
 from dinolike.train.method import Method
 from dinolike.train.optim import build_optimizer
 from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
+from dinolike.train.rundir import check_output_dir, check_resume_config, write_config_atomically
 from dinolike.train.schedules import build_schedules
 from dinolike.train.skips import SkipGuard
 from dinolike.train.step import train_step
-from dinolike.train.tracking import Tracker, print_outputs
+from dinolike.train.summary import cpu_warning, row_line, start_lines
+from dinolike.train.tracking import RunLog, Tracker, print_outputs
 
 log = logging.getLogger("dinolike.train")
 
@@ -132,14 +135,16 @@ def train(cfg: DictConfig) -> int:
     """Run (or resume) the job the config describes. Returns a process exit status."""
     env = dist.init_distributed(cfg.run.device)
     out = Path(cfg.run.output_dir)
-    ckpt_dir = out / "checkpoints"
+    check_output_dir(out)  # a file or a read-only folder: one line now, not a traceback later
     torch.manual_seed(cfg.run.seed + env.rank)
+    with RunLog(out, env.is_main) as runlog:  # log.txt from here on: resume warnings, rows, the end or the error
+        return _train(cfg, env, out, runlog)
 
+
+def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int:
+    ckpt_dir = out / "checkpoints"
     method = build_method(cfg)
     cfg = method.cfg  # the method may complete the config (distillation: the teacher's heads)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, out / "config.yaml")
     method.to(env.device)
     method.prepare_distributed(env)
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
@@ -150,24 +155,31 @@ def train(cfg: DictConfig) -> int:
     global_batch = cfg.data.batch_size * env.world_size
     sched = build_schedules(cfg, global_batch)
 
-    start, skip_state = 0, None
+    start, skip_state, how = 0, None, "new run"
     resume_from = ck.newest_intact(ckpt_dir, main=env.is_main) if cfg.run.resume else None  # walks back past damage
     if resume_from:
         path, ckpt = resume_from
+        saved_world = len(ckpt["rng_ranks"]) if ckpt.get("rng_ranks") is not None else None
+        check_resume_config(ckpt["config"], to_container(cfg), path, cfg.run.allow_config_change, saved_world,
+                            env.world_size)
         _restore(method, opt, ckpt, path)
         start, skip_state = ckpt["iteration"], ckpt.get("skips")
         _restore_rng(ckpt, env, cfg.run.seed, start)
         log.info("resumed from %s at iteration %d", path, start)
+        how = f"resuming at iteration {start} from {path.name}"
     elif cfg.run.init_from:
         src = ck.resolve_checkpoint(cfg.run.init_from, what="run.init_from")
         ckpt = ck.load_checkpoint(src)
         _restore(method, opt, ckpt, src)
         start = ckpt["iteration"]  # the schedules continue where the previous phase stopped
         log.info("phase starts from %s at iteration %d", src, start)
+        how = f"a phase starting at iteration {start} from {src}"
         if start >= sched.total:
             print(f"run.init_from {src} is at iteration {start}, but this phase ends at {sched.total} "
                   "(optim.epochs * optim.epoch_length): a phase must set a larger optim.epochs", file=sys.stderr)
             return 2
+    if env.is_main:  # after the resume check: a refused resume leaves the run's config.yaml as it was
+        write_config_atomically(OmegaConf.to_yaml(cfg), out / "config.yaml")
     if start >= sched.total:
         if env.is_main:
             print(f"nothing to do: {out} already reached iteration {start} of {sched.total}", file=sys.stderr)
@@ -178,12 +190,15 @@ def train(cfg: DictConfig) -> int:
     to_device = build_batch_mover(cfg, env.device)
     skips = build_skip_guard(cfg, loader)
     skips.load_state_dict(skip_state)
+    if env.is_main:
+        _say_start(cfg, env, method, runlog, out, how, len(loader.dataset.base), start, sched.total)
     stop = StopFlag(cfg.run.time_limit_min).install()
     metrics_file = open(out / "metrics.jsonl", "a") if env.is_main else None
-    tracker = Tracker(cfg, out, env.is_main)  # log.txt, TensorBoard, wandb
+    tracker = Tracker(cfg, out, env.is_main)  # TensorBoard, wandb
     bar = _progress(cfg, env, start, sched.total)
     window: dict[str, float] = {}
     n_window, t_window, imgs_window = 0, time.perf_counter(), 0
+    t_start = time.perf_counter()
     it = start
     clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
@@ -222,10 +237,13 @@ def train(cfg: DictConfig) -> int:
                 row.update(method.periodic_eval(it, cfg, env))  # every rank: feature extraction is sharded
                 _check_finite(it, {k: torch.tensor(row[k]) for k in metrics}, reduce=False)
                 if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                    _write_row(metrics_file, row, out)
                 tracker.log(row)
-                watch.update(it, row, str(last_ckpt[0]) if last_ckpt else None)  # same row on every rank
+                left = (sched.total - it) * (time.perf_counter() - t_start) / (it - start)
+                runlog.say(row_line(row, sched.total, left), bar)
+                warning = watch.update(it, row, str(last_ckpt[0]) if last_ckpt else None)  # same row, every rank
+                if warning and env.is_main:
+                    log.warning(warning)
                 if bar is not None:
                     knn = {} if tracker.last_knn is None else {"knn": f"{tracker.last_knn:.1f}"}
                     bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['img_per_s']:.0f}", **knn)
@@ -247,10 +265,40 @@ def train(cfg: DictConfig) -> int:
         if metrics_file is not None:
             metrics_file.close()
         tracker.close()
+    watch.final_verdict(it, str(last_ckpt[0]) if last_ckpt else "no checkpoint")  # constant embeddings: no export
     _export(method, cfg, out, env)
     if env.is_main:
+        runlog.say(f"finished: iteration {it} of {sched.total} in "
+                   f"{human_duration(time.perf_counter() - t_start)} of training")
         print_outputs(out)
     return 0
+
+
+def _say_start(cfg: DictConfig, env: dist.DistEnv, method: Method, runlog: RunLog, out: Path, how: str,
+               images: int, start: int, total: int) -> None:
+    """The start summary, and a warning up front when the CPU would take hours (rank 0)."""
+    backbone = method.kept_backbone()
+    per_it = estimate_seconds_per_iteration(cfg, backbone, env.device)
+    heads = getattr(method, "student", None)
+    head_parts = [m for name, m in heads.items() if name != "backbone"] if isinstance(heads, nn.ModuleDict) else []
+    for line in start_lines(cfg, out=str(out.resolve()), how=how, images=images, world=env.world_size,
+                            device=env.device, backbone=backbone,
+                            heads=nn.ModuleList(head_parts) if head_parts else None, start=start, total=total,
+                            seconds_per_it=per_it):
+        runlog.say(line)
+    warning = cpu_warning(cfg, env.device, per_it * (total - start))
+    if warning:
+        log.warning(warning)
+
+
+def _write_row(metrics_file, row: dict, out: Path) -> None:
+    """One metrics.jsonl line; a full disk is a one-line error naming the file, not a traceback."""
+    try:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+    except OSError as e:
+        raise ck.RunWriteError(f"cannot write {out / 'metrics.jsonl'}: {e.strerror or e}; the newest "
+                                      f"checkpoint in {out / 'checkpoints'} is intact") from None
 
 
 def _agreed_stop(stop: StopFlag, it: int, every: int) -> str | None:

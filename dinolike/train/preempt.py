@@ -1,11 +1,15 @@
-"""Stop requests from SLURM (SIGUSR2 before the time limit, SIGTERM on preemption) or a time budget.
+"""Stop requests: Ctrl-C (SIGINT), SLURM (SIGUSR2 before the time limit, SIGTERM on preemption) or a time budget.
 
-The handler only sets a flag; the loop finishes the iteration in flight, saves a checkpoint and returns
-EXIT_REQUEUE, so no state is ever saved from the middle of a step.
+The handler only sets a flag; the loop finishes the iteration in flight, saves a checkpoint, exports the
+teacher and returns EXIT_REQUEUE, so no state is ever saved from the middle of a step. Ctrl-C is the stop
+every one-process user reaches for, so it stops the same way (it used to kill the run with a traceback and
+lose up to `run.checkpoint_every - 1` iterations); a second Ctrl-C aborts at once (KeyboardInterrupt), for
+when the user cannot wait for the iteration in flight.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -19,7 +23,7 @@ class StopFlag:
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopFlag:
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. under a test runner thread): no signals
@@ -32,7 +36,12 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # the second stop request by Ctrl-C: abort now
         self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # os.write: print() is not safe inside a signal handler
+            os.write(2, b"\nCtrl-C: stopping after this iteration with a checkpoint and the teacher export "
+                        b"(Ctrl-C again to abort at once)\n")
 
     def should_stop(self) -> str | None:
         if self.requested is None and self._deadline is not None and time.monotonic() > self._deadline:

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dinolike.evaluation.spread import mean_pairwise_cosine
 from dinolike.loss import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from dinolike.models import DINOHead, VisionTransformer, build_backbone
 from dinolike.train.method import Method, Phase, untimed
@@ -112,13 +113,14 @@ def head_logits(parts: nn.ModuleDict, cls: Tensor, patches: Tensor,
 def teacher_targets(teacher: nn.ModuleDict, targets: SSLTargets, batch: dict, temp: float,
                     use_ibot: bool) -> dict[str, Tensor]:
     """Target distributions of the teacher's global crops: `dino` [2B, K] and, with iBOT, `ibot` [M, K]
-    at the masked patches. Shared by pretraining (EMA teacher) and distillation (frozen teacher)."""
+    at the masked patches, and the teacher's CLS embeddings `cls` [2B, D]. Shared by pretraining (EMA
+    teacher) and distillation (frozen teacher)."""
     teacher.eval()
     out = teacher["backbone"].forward_features(batch["global_crops_teacher"])
     cls = out["x_norm_clstoken"]  # [2B, D]
     patches = out["x_norm_patchtokens"].flatten(0, 1)[batch["mask_indices"]]  # [M, D]
     cls_logits, patch_logits = head_logits(teacher, cls, patches, use_ibot)
-    result = {"dino": targets.dino(cls_logits.float(), temp)}
+    result = {"dino": targets.dino(cls_logits.float(), temp), "cls": cls}
     if use_ibot:
         result["ibot"] = targets.ibot(patch_logits.float(), temp)
     return result
@@ -171,26 +173,33 @@ def ssl_loss_terms(
         ko = sum(koleo_loss(c) for c in g_cls.chunk(2))  # per global crop, per rank
         metrics["koleo_loss"] = ko
         total = total + lc.koleo_weight * ko
-    metrics.update(collapse_signals(cls_logits[: 2 * B], teacher_out["dino"], lc.student_temp))
+    metrics.update(collapse_signals(cls_logits[: 2 * B], teacher_out["dino"], lc.student_temp, g_cls[:B]))
     metrics["loss"] = total
     return total, metrics
 
 
 @torch.no_grad()
-def collapse_signals(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> dict[str, Tensor]:
+def collapse_signals(student_logits: Tensor, teacher_probs: Tensor, student_temp: float,
+                     cls: Tensor | None = None) -> dict[str, Tensor]:
     """What the collapse watch reads (nats; ln K is uniform over K prototypes), from tensors the step has.
 
     `teacher_entropy`: mean entropy of one image's target. Near ln K: every target is uniform, the
     teacher no longer tells images apart (with Sinkhorn-Knopp, the signature of features that all look
     alike). `student_mean_entropy`: entropy of the batch-mean student prediction. Near 0: every image
-    goes to the same few prototypes (the collapse softmax centring can fall into).
+    goes to the same few prototypes (the collapse softmax centring can fall into). `cls_cosine` (when
+    `cls` [B, D], the student's CLS embeddings of B different images, is given and B >= 2): their mean
+    pairwise cosine. Near 1: every image gets the same embedding, whatever the heads do (LayerScale 1e-5
+    at initialisation; evaluation/spread.py). Pretraining replaces it with its teacher's, the model it keeps.
     student_logits [2B, K] (global crops), teacher_probs [2B, K].
     """
     t = teacher_probs.float()
     teacher_h = -torch.special.xlogy(t, t).sum(-1).mean()  # []
     mean_p = torch.softmax(student_logits.detach().float() / student_temp, dim=-1).mean(0)  # [K]
     student_h = -torch.special.xlogy(mean_p, mean_p).sum()  # []
-    return {"teacher_entropy": teacher_h, "student_mean_entropy": student_h}
+    out = {"teacher_entropy": teacher_h, "student_mean_entropy": student_h}
+    if cls is not None and cls.shape[0] >= 2:
+        out["cls_cosine"] = mean_pairwise_cosine(cls)
+    return out
 
 
 class SSLMethod(Method):
@@ -222,7 +231,13 @@ class SSLMethod(Method):
             t_out = teacher_targets(self.teacher, self.targets, batch, sched["teacher_temp"],
                                     self.cfg.loss.ibot_weight > 0)
         with phase("student_forward_and_losses"):
-            return ssl_loss_terms(self.cfg, self.student, t_out, batch)
+            loss, metrics = ssl_loss_terms(self.cfg, self.student, t_out, batch)
+        # the collapse watch judges the model the run keeps: the EMA teacher can stay constant while KoLeo
+        # already pushes the student's embeddings apart (measured: 0.17 for the student, 1.0 for the teacher)
+        B = batch["global_crops"].shape[0] // 2
+        if B >= 2:
+            metrics["cls_cosine"] = mean_pairwise_cosine(t_out["cls"][:B])
+        return loss, metrics
 
     @torch.no_grad()
     def after_step(self, sched: dict[str, float]) -> None:

@@ -1,31 +1,58 @@
-"""Experiment tracking beside metrics.jsonl: TensorBoard event files, optional wandb, and `log.txt`.
+"""What a run tells the world beside metrics.jsonl: `log.txt` and the terminal, TensorBoard, optional wandb.
 
-The loop hands every metrics row to `Tracker.log`; TensorBoard and wandb get the same numbers as
-metrics.jsonl (losses, lr, periodic kNN, ...). `log.txt` in the run folder keeps everything the run printed
-(log records, warnings about skipped images, messages on stderr), so a finished run explains itself
-without the terminal it ran in. Only rank 0 tracks.
+`RunLog` keeps log.txt from the run's first line to its last: the start summary, every metrics row in
+words, warnings (resume, skipped images, collapse), the end or the error. The loop hands every metrics
+row to `Tracker.log` too; TensorBoard and wandb get the same numbers as metrics.jsonl. Only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 log = logging.getLogger("dinolike.train")
 
 
+class LogFile:
+    """log.txt, appended to; a write that fails (a full disk) turns it off with one warning on the terminal
+    instead of raising from inside a print or a log record, where it would bury the real error."""
+
+    def __init__(self, path: Path, terminal: TextIO) -> None:
+        self.path, self.terminal = path, terminal
+        self._file: TextIO | None = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, text: str) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except OSError as e:
+            self.close()
+            self.terminal.write(f"warning: cannot write {self.path} ({e.strerror or e}); the run goes on, "
+                                "logging to the terminal only\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
 class _Tee:
     """A stream that also appends to log.txt; progress-bar redraws (carriage returns) stay off the file."""
 
-    def __init__(self, stream: TextIO, file: TextIO) -> None:
+    def __init__(self, stream: TextIO, file: LogFile) -> None:
         self.stream, self.file = stream, file
 
     def write(self, text: str) -> int:
         if "\r" not in text:
             self.file.write(text)
-            self.file.flush()
         return self.stream.write(text)
 
     def flush(self) -> None:
@@ -33,6 +60,64 @@ class _Tee:
 
     def __getattr__(self, name: str) -> Any:  # isatty, encoding, fileno: the real stream's
         return getattr(self.stream, name)
+
+
+class _FileHandler(logging.Handler):
+    """Log records into log.txt through the guarded LogFile (logging's own FileHandler prints a traceback
+    on every record it cannot write)."""
+
+    def __init__(self, file: LogFile) -> None:
+        super().__init__()
+        self.file = file
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.file.write(self.format(record) + "\n")
+
+
+class RunLog:
+    """log.txt of a run from its first line to its last (rank 0 only; a no-op elsewhere): everything
+    printed and logged while it is open, and the error a run ends with, so a finished or failed run explains
+    itself without the terminal it ran in. Opened before anything can fail (resume warnings included)."""
+
+    def __init__(self, out: Path, is_main: bool) -> None:
+        self.out, self.is_main = out, is_main
+        self.file: LogFile | None = None
+        self._streams: tuple[TextIO, TextIO] | None = None
+        self._handler: logging.Handler | None = None
+
+    def __enter__(self) -> RunLog:
+        if self.is_main:
+            self.file = LogFile(self.out / "log.txt", sys.stderr)
+            self._handler = _FileHandler(self.file)
+            logging.getLogger().addHandler(self._handler)
+            self._streams = (sys.stdout, sys.stderr)
+            sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if self.file is not None and error is not None:
+            # the file only: the command prints its own one-line error to the terminal
+            what = "interrupted (Ctrl-C)" if kind is KeyboardInterrupt else f"{kind.__name__}: {error}"
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {what}\n")
+        if self._streams is not None:
+            sys.stdout, sys.stderr = self._streams
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+        if self.file is not None:
+            self.file.close()
+        self.file = self._streams = self._handler = None
+
+    def say(self, text: str, bar: Any = None) -> None:
+        """One line of the run's report to stdout and log.txt, above the progress bar when there is one.
+        stdout, not stderr: warnings and the one-line errors stay alone on stderr, and `> report.txt`
+        keeps the report."""
+        if not self.is_main:
+            return
+        if bar is not None:
+            bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
 
 
 def tensorboard_writer(setting: bool | None, out: Path) -> Any:
@@ -53,21 +138,13 @@ def tensorboard_writer(setting: bool | None, out: Path) -> Any:
 
 
 class Tracker:
-    """Owns log.txt, the TensorBoard writer and the wandb run of one training run (rank 0 only)."""
+    """Owns the TensorBoard writer and the wandb run of one training run (rank 0 only)."""
 
     def __init__(self, cfg: Any, out: Path, is_main: bool) -> None:
-        self.tb = self.wandb = self._file = None
-        self._streams: tuple[TextIO, TextIO] | None = None
-        self._handler: logging.Handler | None = None
+        self.tb = self.wandb = None
         self.last_knn: float | None = None
         if not is_main:
             return
-        self._file = open(out / "log.txt", "a")  # noqa: SIM115 - closed in close()
-        self._handler = logging.FileHandler(out / "log.txt")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(self._handler)
-        self._streams = (sys.stdout, sys.stderr)
-        sys.stdout, sys.stderr = _Tee(sys.stdout, self._file), _Tee(sys.stderr, self._file)
         self.tb = tensorboard_writer(cfg.run.tensorboard, out)
         if cfg.run.wandb:
             try:
@@ -98,14 +175,7 @@ class Tracker:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        if self._streams is not None:
-            sys.stdout, sys.stderr = self._streams
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-            self._handler.close()
-        if self._file is not None:
-            self._file.close()
-        self.tb = self.wandb = self._file = self._handler = self._streams = None
+        self.tb = self.wandb = None
 
 
 def print_outputs(out: Path) -> None:
