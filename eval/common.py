@@ -48,8 +48,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrained",
         required=True,
-        help="checkpoint (training ckpt, exported or official DINOv2 backbone .pth), "
-        "'pixels' (raw-pixel baseline) or 'random' (randomly initialised model of --config)",
+        help="checkpoint (training ckpt, exported or official DINOv2 backbone .pth), a run folder (its "
+        "teacher_backbone.pth), 'pixels' (raw-pixel baseline) or 'random' (randomly initialised model of --config)",
     )
     p.add_argument(
         "--config",
@@ -99,9 +99,10 @@ def probe_headline(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _find_run_config(pretrained: str) -> Path | None:
-    """config.yaml of the run a checkpoint came from (runs/X/teacher_backbone.pth, runs/X/checkpoints/..)."""
+    """config.yaml of the run a checkpoint came from (runs/X itself, runs/X/teacher_backbone.pth,
+    runs/X/checkpoints/..)."""
     p = Path(pretrained).resolve()
-    for d in (p.parent, p.parent.parent):
+    for d in ([p] if p.is_dir() else []) + [p.parent, p.parent.parent]:
         if (d / "config.yaml").is_file():
             return d / "config.yaml"
     return None
@@ -235,7 +236,7 @@ def load_backbone(
         except (ValueError, TypeError) as e:
             raise EvalError(f"cannot build model from {model_cfg}: {e}") from e
         return model.eval(), cfg
-    if not os.path.isfile(pretrained):
+    if not os.path.exists(pretrained):  # a file, a run folder or an HF / timm export folder
         raise EvalError(f"checkpoint not found: {pretrained}")
     try:
         model, got_cfg = load_pretrained(pretrained, model_cfg=model_cfg, which=which)
@@ -465,4 +466,6 @@ class EvalSetup:
                 title += f", {few['split']} of the train labels, {len(few['seeds'])} seeded splits"
             md = write_results(out_dir, payload, title, rows)
             print(md)
+            print(f"dinolike eval {protocol}: results written to {Path(out_dir) / 'results.json'} (and results.md)",
+                  file=sys.stderr)
         return payload
