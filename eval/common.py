@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.config import BASE, CONFIG_DIR, ConfigError, load_config, load_schema
+from dinolike.config import BASE, CONFIG_DIR, ConfigError, find_config, load_config, load_schema
 from dinolike.data.datasets import DATASET_SPEC_HELP
 from dinolike.data.normalize import build_eval_transform, default_stats
 from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
@@ -119,10 +119,11 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     """
     path, preset = None, None
     if config is not None:
-        if os.path.isfile(config):
-            path = config
-        elif config.endswith((".yaml", ".yml")) or os.sep in config:
-            raise EvalError(f"config file not found: {config}")
+        if os.path.isfile(config) or config.endswith((".yaml", ".yml")) or os.sep in config:
+            try:  # a file here, or a recipe shipped with dinolike (`--config fmnist_cpu.yaml` from anywhere)
+                path = str(find_config(config))
+            except ConfigError as e:
+                raise EvalError(str(e)) from None
         else:
             preset = config
     elif pretrained not in (PIXELS, RANDOM):

@@ -137,3 +137,12 @@ def test_a_run_folder_is_a_checkpoint_for_eval_and_viz(tmp_path: Path) -> None:
     r = dinolike("viz", "--pretrained", str(run), "--tile", "56", "--out", str(tmp_path / "pca.png"), str(img))
     assert r.returncode == 0, r.stderr
     assert f"{tmp_path / 'pca.png'} (1 images at 28 px" in r.stdout
+
+
+def test_eval_reads_a_shipped_recipe_by_name_from_another_folder(tmp_path: Path) -> None:
+    r = dinolike("eval", "knn", "--pretrained", "random", "--config", "fmnist_smoke.yaml", "--limit-train", "200",
+                 "--limit-val", "100", "--no-cache", "--no-progress", "--output-dir", "knn", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "knn" / "results.json").read_text())["model"]["arch"] == "vit_pico"
+    r = dinolike("eval", "knn", "--pretrained", "random", "--config", "nope.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "config file not found: nope.yaml (looked in" in r.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class TrainResult:
     """Where a finished run left its files, and its merged config."""
 
     run_dir: Path
-    config: DictConfig
+    config: DictConfig = field(repr=False)  # the merged config (also run_dir/config.yaml)
 
     @property
     def backbone(self) -> Path:
