@@ -13,10 +13,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dinolike.config import ConfigError, check_values
+from dinolike.config import CONFIG_DIR, ConfigError, check_values
 from dinolike.config import load_config as _load_strict
 
-SCHEMA = Path(__file__).resolve().parent.parent / "configs" / "curation" / "base.yaml"
+SCHEMA = CONFIG_DIR / "curation" / "base.yaml"
 
 __all__ = ["SCHEMA", "ConfigError", "check_config", "load_config", "section_fingerprint"]
 

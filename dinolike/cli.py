@@ -8,6 +8,7 @@ name any command; the library below never imports it. The command packages `eval
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import sys
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("eval.plot", "PNG of the training curves of a run directory"),
     "viz": ("eval.viz", "PCA picture of patch features"),
     "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
+    "embed": ("dinolike.commands.embed", "CLS (+ pooled patch) embeddings of a folder of images -> .npy / .parquet"),
     "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
     "submit": ("launch.__main__", "submit a job to SLURM through submitit"),
     "curate": ("curation.__main__", "curation steps: embed | dedup | retrieve | sample | build"),
@@ -52,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--version"]:
         print(f"dinolike {version()}")
         return 0
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
+    if not argv:  # a command is required: the list, on stderr, and a status a script can test
+        print(f"{usage()}\n\ndinolike: error: give a command", file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
-        print(f"{usage()}\n\ndinolike: error: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})",
-              file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (choose from {', '.join(COMMANDS)})"
+        print(f"{usage()}\n\ndinolike: error: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines drown --help

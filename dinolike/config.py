@@ -10,18 +10,53 @@ known one (the official code accepts typos silently, and a mistyped learning-rat
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Iterable, Mapping
+import os
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _shipped_config_dir() -> Path:
+    """The recipes that ship with dinolike: the top-level `configs/` of a source checkout (an editable
+    install too), else the copy a wheel installs inside the package (`dinolike/configs`, package data in
+    pyproject.toml). A wheel has no checkout beside it, and a `configs/` folder next to an installed
+    package in site-packages would be another distribution's."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "configs"
+    if (here.parent / "pyproject.toml").is_file() and (checkout / "base.yaml").is_file():
+        return checkout
+    return here / "configs"
+
+
+CONFIG_DIR = _shipped_config_dir()
 BASE = CONFIG_DIR / "base.yaml"
 
 
 class ConfigError(ValueError):
     """A config problem the user can fix; the message says which key or file."""
+
+
+def find_config(path: str | Path, search: Sequence[Path] = (), what: str = "config file") -> Path:
+    """The recipe file `path` names: relative to each folder of `search` first (a pipeline file's own
+    folder), else as given (absolute, or relative to the current folder), else one of the
+    recipes shipped with dinolike (`fmnist_smoke.yaml`, `curation/fmnist_demo.yaml`, or the repository
+    spelling `configs/fmnist_smoke.yaml`), so `--config NAME.yaml` works from any folder and from a wheel.
+    Raises ConfigError naming every place it looked."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise ConfigError(f"{what} not found: {path}")
+    tried = [*(Path(d) / path for d in search), Path.cwd() / path, CONFIG_DIR / path]
+    if path.parts[0] == CONFIG_DIR.name and len(path.parts) > 1:  # configs/x.yaml from outside the checkout
+        tried.append(CONFIG_DIR.parent / path)
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate.absolute()
+    looked = ", ".join(dict.fromkeys(str(c.parent) for c in tried))
+    raise ConfigError(f"{what} not found: {path} (looked in {looked})")
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -141,7 +176,7 @@ def load_config(
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:
-        for delta, source in _read_yaml_chain(Path(path)):
+        for delta, source in _read_yaml_chain(find_config(path)):
             cfg = _merge_strict(cfg, delta, source, schema, dropped)
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:

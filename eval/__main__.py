@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
-COMMANDS = {
+PROTOCOLS = {
     "knn": "weighted kNN on frozen features",
     "linear": "linear probe on frozen features (grid of learning rates)",
     "logreg": "logistic regression on frozen features (sweep of C)",
-    "plot": "training curves of a run directory (= dinolike plot)",
-    "viz": "PCA picture of patch features (= dinolike viz)",
 }
+# `python -m eval plot|viz` still runs them (this package holds their code), but they are not protocols:
+# help lists them as the commands they are, `dinolike plot` and `dinolike viz`
+COMMANDS = (*PROTOCOLS, "plot", "viz")
 
 
 def usage() -> str:
-    lines = "\n".join(f"  {c:<7} {h}" for c, h in COMMANDS.items())
-    return (f"usage: dinolike eval {{{'|'.join(COMMANDS)}}} [ARGS]   (dinolike eval knn --help for its options)"
-            f"\n\nprotocols:\n{lines}")
-PROTOCOLS = ("knn", "linear", "logreg")
+    lines = "\n".join(f"  {c:<7} {h}" for c, h in PROTOCOLS.items())
+    return (f"usage: dinolike eval {{{'|'.join(PROTOCOLS)}}} [ARGS]   (dinolike eval knn --help for its options)"
+            f"\n\nprotocols:\n{lines}\n\ntraining curves and PCA pictures: dinolike plot, dinolike viz")
 
 
 def validate(argv: list[str]) -> None:
@@ -40,11 +41,14 @@ def validate(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
-    if argv[0] not in COMMANDS:
-        print(f"{usage()}\n\ndinolike eval: error: unknown protocol {argv[0]!r}", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], PROTOCOLS, n=1) if argv else []
+        what = f"unknown protocol {argv[0]!r}" if argv else "give a protocol"
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"{usage()}\n\ndinolike eval: error: {what}{hint}", file=sys.stderr)
         return 2
     module = importlib.import_module(f".{argv[0]}", __package__)  # eval.X, or dinolike_eval.X installed
     return int(module.main(argv[1:]))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.config import BASE, CONFIG_DIR, ConfigError, load_config, load_schema
+from dinolike.config import BASE, CONFIG_DIR, ConfigError, find_config, load_config, load_schema
 from dinolike.data.datasets import DATASET_SPEC_HELP
 from dinolike.data.normalize import build_eval_transform, default_stats
 from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
@@ -48,8 +48,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pretrained",
         required=True,
-        help="checkpoint (training ckpt, exported or official DINOv2 backbone .pth), "
-        "'pixels' (raw-pixel baseline) or 'random' (randomly initialised model of --config)",
+        help="checkpoint (training ckpt, exported or official DINOv2 backbone .pth), a run folder (its "
+        "teacher_backbone.pth), 'pixels' (raw-pixel baseline) or 'random' (randomly initialised model of --config)",
     )
     p.add_argument(
         "--config",
@@ -99,9 +99,10 @@ def probe_headline(result: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _find_run_config(pretrained: str) -> Path | None:
-    """config.yaml of the run a checkpoint came from (runs/X/teacher_backbone.pth, runs/X/checkpoints/..)."""
+    """config.yaml of the run a checkpoint came from (runs/X itself, runs/X/teacher_backbone.pth,
+    runs/X/checkpoints/..)."""
     p = Path(pretrained).resolve()
-    for d in (p.parent, p.parent.parent):
+    for d in ([p] if p.is_dir() else []) + [p.parent, p.parent.parent]:
         if (d / "config.yaml").is_file():
             return d / "config.yaml"
     return None
@@ -118,10 +119,11 @@ def resolve_config(pretrained: str, config: str | None, opts: Sequence[str]) -> 
     """
     path, preset = None, None
     if config is not None:
-        if os.path.isfile(config):
-            path = config
-        elif config.endswith((".yaml", ".yml")) or os.sep in config:
-            raise EvalError(f"config file not found: {config}")
+        if os.path.isfile(config) or config.endswith((".yaml", ".yml")) or os.sep in config:
+            try:  # a file here, or a recipe shipped with dinolike (`--config fmnist_cpu.yaml` from anywhere)
+                path = str(find_config(config))
+            except ConfigError as e:
+                raise EvalError(str(e)) from None
         else:
             preset = config
     elif pretrained not in (PIXELS, RANDOM):
@@ -235,7 +237,7 @@ def load_backbone(
         except (ValueError, TypeError) as e:
             raise EvalError(f"cannot build model from {model_cfg}: {e}") from e
         return model.eval(), cfg
-    if not os.path.isfile(pretrained):
+    if not os.path.exists(pretrained):  # a file, a run folder or an HF / timm export folder
         raise EvalError(f"checkpoint not found: {pretrained}")
     try:
         model, got_cfg = load_pretrained(pretrained, model_cfg=model_cfg, which=which)
@@ -465,4 +467,6 @@ class EvalSetup:
                 title += f", {few['split']} of the train labels, {len(few['seeds'])} seeded splits"
             md = write_results(out_dir, payload, title, rows)
             print(md)
+            print(f"dinolike eval {protocol}: results written to {Path(out_dir) / 'results.json'} (and results.md)",
+                  file=sys.stderr)
         return payload

@@ -25,9 +25,15 @@ FEATURE_FORMAT_VERSION = 1
 
 
 def path_fingerprint(path: str) -> dict[str, Any]:
-    """Identity of a file on disk: a changed checkpoint (mtime or size) must never hit an old cache."""
+    """Identity of a file on disk: a changed checkpoint (mtime or size) must never hit an old cache. A
+    folder (a run, an HF / timm export) is the identity of every file directly in it: a weight file
+    rewritten in place leaves the folder's own mtime as it was."""
     st = os.stat(path)
-    return {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+    fp: dict[str, Any] = {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+    if os.path.isdir(path):
+        with os.scandir(path) as entries:
+            fp["files"] = sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries if e.is_file())
+    return fp
 
 
 def dataset_fingerprint(spec: str) -> dict[str, Any]:

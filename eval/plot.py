@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,30 @@ def panel_keys(records: list[dict]) -> list[str]:
     return keys + extra
 
 
-def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 100) -> Path:
-    """Render RUN_DIR/metrics.jsonl to a PNG of NCOLS x ceil(panels / NCOLS) panels; returns its path.
+ENTROPY_PANELS = ("teacher_entropy", "student_mean_entropy")  # nats over the K prototypes: at most ln K
 
-    The figure size is fixed per panel (PANEL_W_IN x PANEL_H_IN inches at `dpi`), so the image size is
-    predictable: width = NCOLS * PANEL_W_IN * dpi, height = rows * PANEL_H_IN * dpi.
-    """
+
+def prototypes(run_dir: Path) -> int | None:
+    """K, the DINO head's prototype count, from the run's config.yaml (None without one)."""
+    from omegaconf import OmegaConf
+
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return None
+    k = OmegaConf.select(OmegaConf.load(cfg), "heads.out_dim")
+    return int(k) if k else None
+
+
+def curves_figure(run_dir: str | Path, dpi: int = 100) -> Any:
+    """The matplotlib Figure of RUN_DIR/metrics.jsonl: NCOLS x ceil(panels / NCOLS) panels of
+    PANEL_W_IN x PANEL_H_IN inches. Constrained layout keeps the run's name (the figure title) clear of the
+    panels; values are written out (no "+5.54" offset above an axis, which reads as a wrong number); the
+    entropy panels carry ln K, the entropy of a uniform prediction, that a collapsing run sits at."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
@@ -92,8 +107,10 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 1
     keys = panel_keys(records)
     if not keys:
         raise ValueError(f"{metrics} holds no numeric metrics to plot")
+    k = prototypes(run_dir)
     nrows = math.ceil(len(keys) / NCOLS)
-    fig, axes = plt.subplots(nrows, NCOLS, figsize=(NCOLS * PANEL_W_IN, nrows * PANEL_H_IN), dpi=dpi, squeeze=False)
+    fig, axes = plt.subplots(nrows, NCOLS, figsize=(NCOLS * PANEL_W_IN, nrows * PANEL_H_IN), dpi=dpi, squeeze=False,
+                             layout="constrained")
     for ax, key in zip(axes.flat, keys, strict=False):
         pts = [
             (r["iteration"], float(r[key]))
@@ -103,17 +120,30 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 1
         xs, ys = zip(*pts, strict=True)
         marker = "o" if key.startswith("knn") or len(pts) < 20 else None
         ax.plot(xs, ys, marker=marker, markersize=3, linewidth=1)
+        if key in ENTROPY_PANELS and k:
+            ax.axhline(math.log(k), color="grey", linestyle="--", linewidth=1, label=f"ln K = {math.log(k):.2f}")
+            ax.legend(loc="best", fontsize="small")
         ax.set_title(key)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         if key.endswith("_loss") or key == "loss":
             if min(ys) > 0 and max(ys) / min(ys) > 50:
                 ax.set_yscale("log")
+        if isinstance(ax.yaxis.get_major_formatter(), ScalarFormatter):
+            ax.yaxis.get_major_formatter().set_useOffset(False)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(str(run_dir.name))
-    fig.tight_layout()
-    out_path = Path(out) if out is not None else run_dir / "curves.png"
+    return fig
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 100) -> Path:
+    """Render RUN_DIR/metrics.jsonl to a PNG (`curves_figure`); returns its path. The image size is
+    predictable: width = NCOLS * PANEL_W_IN * dpi, height = rows * PANEL_H_IN * dpi."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(run_dir, dpi)
+    out_path = Path(out) if out is not None else Path(run_dir) / "curves.png"
     fig.savefig(out_path, dpi=dpi)
     plt.close(fig)
     return out_path

@@ -5,6 +5,7 @@ names the command typed and lists every dataset spec, no faiss loader noise, one
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -100,3 +101,48 @@ def test_viz_takes_bare_overrides_and_defaults_to_the_trained_resolution(tmp_pat
     r = dinolike("viz", "--pretrained", "random", "--config", "vit_pico", "--out", str(out), "--device", "cpu",
                  str(img), "--opts", *pico)
     assert r.returncode == 0 and "deprecated" in r.stderr
+
+
+def test_no_command_is_help_and_a_typo_gets_a_suggestion() -> None:
+    r = dinolike()
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("usage: dinolike COMMAND") and "embed" in r.stderr and "give a command" in r.stderr
+    r = dinolike("trian")
+    assert r.returncode == 2 and "unknown command 'trian'; did you mean 'train'?" in r.stderr
+    r = dinolike("eval", "kn")
+    assert r.returncode == 2 and "unknown protocol 'kn'; did you mean 'knn'?" in r.stderr
+
+
+def test_eval_help_lists_the_protocols_only() -> None:
+    r = dinolike("eval", "--help")
+    protocols = r.stdout.split("protocols:\n")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in protocols] == ["knn", "linear", "logreg"]
+    assert "dinolike plot, dinolike viz" in r.stdout  # named as the commands they are
+
+
+def test_a_run_folder_is_a_checkpoint_for_eval_and_viz(tmp_path: Path) -> None:
+    """`--pretrained runs/x`: its teacher_backbone.pth and its config (preprocessing); results said where."""
+    from test_export_downstream import fake_run
+
+    run = fake_run(tmp_path)
+    r = dinolike("eval", "knn", "--pretrained", str(run), "--limit-train", "300", "--limit-val", "100",
+                 "--no-cache", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "results written to outputs/eval/knn/results.json (and results.md)" in r.stderr
+    res = json.loads((tmp_path / "outputs" / "eval" / "knn" / "results.json").read_text())
+    assert res["resolution"] == 28 and res["feature_dim"] == 96  # the run's own crop and model
+    assert res["model"]["arch"] == "vit_pico"
+    img = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(img)
+    r = dinolike("viz", "--pretrained", str(run), "--tile", "56", "--out", str(tmp_path / "pca.png"), str(img))
+    assert r.returncode == 0, r.stderr
+    assert f"{tmp_path / 'pca.png'} (1 images at 28 px" in r.stdout
+
+
+def test_eval_reads_a_shipped_recipe_by_name_from_another_folder(tmp_path: Path) -> None:
+    r = dinolike("eval", "knn", "--pretrained", "random", "--config", "fmnist_smoke.yaml", "--limit-train", "200",
+                 "--limit-val", "100", "--no-cache", "--no-progress", "--output-dir", "knn", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "knn" / "results.json").read_text())["model"]["arch"] == "vit_pico"
+    r = dinolike("eval", "knn", "--pretrained", "random", "--config", "nope.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "config file not found: nope.yaml (looked in" in r.stderr

@@ -58,7 +58,11 @@ def test_import_command_finds_this_checkouts_folders() -> None:
 
 def test_pyproject_installs_the_folders_under_their_dinolike_names() -> None:
     tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert tool["package-dir"] == {installed_name(f): f for f in COMMAND_PACKAGES}
+    assert tool["package-dir"] == {**{installed_name(f): f for f in COMMAND_PACKAGES}, "dinolike.configs": "configs"}
     library = sorted(".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "dinolike").rglob("__init__.py"))
-    assert sorted(tool["packages"]) == sorted([*library, *(installed_name(f) for f in COMMAND_PACKAGES)])
+    # every folder of configs/ ships as package data (dinolike.configs.*) with its recipes
+    configs = sorted(".".join(("dinolike", *d.relative_to(REPO).parts)) for d in (REPO / "configs").rglob("*")
+                     if d.is_dir()) + ["dinolike.configs"]
+    assert sorted(tool["packages"]) == sorted([*library, *(installed_name(f) for f in COMMAND_PACKAGES), *configs])
+    assert all(tool["package-data"][c] == ["*.yaml"] for c in configs)
     assert not set(tool["packages"]) & set(COMMAND_PACKAGES)  # no top-level eval / launch / curation

@@ -266,3 +266,34 @@ def test_the_key_read_check_can_fail(tmp_path: Path) -> None:
     assert unread_keys(schema, [tmp_path]) == ["run.compile", "run.seed"]
     (tmp_path / "b.py").write_text("def g(self):\n    r = self.cfg.run\n    return r['seed'], self.cfg.run.compile\n")
     assert unread_keys(schema, [tmp_path]) == []
+
+
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--config fmnist_smoke.yaml` (or the repository spelling `configs/...`) outside the checkout reads the
+    shipped recipe; a file of the current folder comes first; a missing one names every place looked in."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("fmnist_smoke.yaml", "configs/fmnist_smoke.yaml", str(CONFIG_DIR / "fmnist_smoke.yaml")):
+        assert load_config(name).run.output_dir == "runs/fmnist_smoke", name
+    (tmp_path / "fmnist_smoke.yaml").write_text("base: " + str(CONFIG_DIR / "fmnist_smoke.yaml") + "\n"
+                                                "run: {output_dir: runs/mine}\n")
+    assert load_config("fmnist_smoke.yaml").run.output_dir == "runs/mine"
+    with pytest.raises(ConfigError, match=rf"config file not found: nope\.yaml \(looked in {tmp_path}, {CONFIG_DIR}"):
+        load_config("nope.yaml")
+
+
+def test_pipeline_stage_recipes_resolve_outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline file's stage recipes: relative to the pipeline file, else the current folder, else the
+    shipped ones (`configs/fmnist_smoke.yaml` in the shipped pipeline files)."""
+    from dinolike.pipeline.config import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_pipeline("pipeline/fmnist_smoke.yaml", [f"output_dir={tmp_path / 'p'}"])
+    assert cfg.pretrain.config == str(CONFIG_DIR / "fmnist_smoke.yaml")
+    assert list(cfg.highres.config) == [str(CONFIG_DIR / "fmnist_smoke.yaml"), str(CONFIG_DIR / "fmnist_highres.yaml")]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pipe.yaml").write_text("stages: [pretrain]\npretrain: {config: recipe.yaml}\n")
+    (mine / "recipe.yaml").write_text("base: fmnist_smoke.yaml\n".replace("fmnist", str(CONFIG_DIR / "fmnist")))
+    assert load_pipeline(mine / "pipe.yaml").pretrain.config == str(mine / "recipe.yaml")
+    with pytest.raises(ConfigError, match=r"pretrain\.config: file not found: nope\.yaml \(looked in "):
+        load_pipeline(mine / "pipe.yaml", ["pretrain.config=nope.yaml"])

@@ -76,3 +76,41 @@ def test_timm_export_reports_the_runs_preprocessing(tmp_path: Path) -> None:
     assert list(data["mean"]) == pytest.approx([0.286]) and list(data["std"]) == pytest.approx([0.353])
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 96)
+
+
+def test_timm_name_is_the_real_architecture(tmp_path: Path) -> None:
+    """A 96-d, 2-block ViT with 7 px patches is not `vit_small_patch14_dinov2`: the entry that builds it is
+    tagged with what it is; a model of an official DINOv2 shape keeps the official name."""
+    timm = pytest.importorskip("timm")
+    from dinolike.interop.timm import timm_model_name
+
+    out = tmp_path / "timm"
+    export(fake_run(tmp_path), "timm", out)
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["architecture"] == "vit_small_patch14_dinov2.dinolike_96d_2x3h_patch7_28px"
+    assert timm.create_model(f"local-dir:{out}", pretrained=True).patch_embed.proj.kernel_size == (7, 7)
+    vits14 = {"embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 14, "img_size": 518}
+    assert timm_model_name(vits14) == "vit_small_patch14_dinov2"
+    assert timm_model_name({**vits14, "n_registers": 4}) == "vit_small_patch14_reg4_dinov2"
+    assert timm_model_name({**vits14, "patch_size": 8}) == "vit_small_patch14_dinov2.dinolike_384d_12x6h_patch8_518px"
+
+
+@pytest.mark.parametrize("fmt", ["official", "hf", "timm"])
+def test_export_carries_no_local_data_path(tmp_path: Path, fmt: str) -> None:
+    """A run trained on a folder of the user's images: no file of the export names that folder or the
+    checkpoint's path (a model card is shared; the machine's paths are nobody else's business)."""
+    run = fake_run(tmp_path)
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data.train = f"folder-nolabels:{tmp_path / 'private' / 'photos'}"
+    OmegaConf.save(cfg, run / "config.yaml")
+    out = tmp_path / "export"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "dinolike.cli", "export", str(run / "teacher_backbone.pth"),
+                        "--format", fmt, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    card = (out / "README.md").read_text()
+    assert "`folder-nolabels`: a folder of images" in card
+    assert "Exported from `teacher_backbone.pth` of run `run`" in card
+    for f in out.iterdir():
+        if f.suffix in (".md", ".json"):
+            assert str(tmp_path) not in f.read_text(), f.name

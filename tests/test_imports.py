@@ -17,9 +17,11 @@ ROOTS = ("dinolike", "eval", "curation", "launch", "benchmarks")
 INSTALLED = {"dinolike_eval": "eval", "dinolike_curation": "curation", "dinolike_launch": "launch"}
 
 # The house, lowest floor first (STYLE.md). A module stands on the floor of the longest prefix listed
-# here; an import may point to its own floor or lower. `dinolike` itself is only the package's __init__.
+# here; an import may point to its own floor or lower. `dinolike` itself is only the package's __init__:
+# the Python API's front door (dinolike.train / load / embed, imported from the commands on first use),
+# so it stands on the command floor, and no library module may import the bare package.
 FLOORS: dict[str, int] = {
-    "dinolike": 0, "dinolike.config": 0,  # the strict config loader: any floor reads configs
+    "dinolike": 4, "dinolike.config": 0,  # the strict config loader: any floor reads configs
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.train": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,

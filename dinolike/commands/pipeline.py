@@ -46,7 +46,7 @@ from dinolike.pipeline.lineage import (
     write_json,
     write_lineage,
 )
-from dinolike.pipeline.report import REPORT_DIR, write_report
+from dinolike.pipeline.report import MIN_CURVE_POINTS, REPORT_DIR, write_report
 
 log = logging.getLogger("dinolike.pipeline")
 EXIT_REQUEUE = 3  # a train stage stopped on a signal after saving a checkpoint (dinolike.train.preempt)
@@ -84,13 +84,17 @@ def finish_stage(out: Path, stage: Stage, state: dict, t0: float) -> None:
 def update_records(cfg: DictConfig, config_file: str) -> None:
     out, stages = Path(cfg.output_dir), [str(s) for s in cfg.stages]
     write_lineage(out, pipeline_record(cfg, config_file), stages)
-    plot = import_command("eval.plot").plot_curves
+    plots = import_command("eval.plot")
     (out / REPORT_DIR).mkdir(exist_ok=True)
     curves = {}
     for s in stages:
         st = read_state(out, s)
         if s in TRAIN_STAGES and st is not None and st["status"] == "done":
-            curves[s] = plot(stage_dir(out, s), out / REPORT_DIR / f"{s}_curves.png", dpi=60)
+            png = out / REPORT_DIR / f"{s}_curves.png"
+            png.unlink(missing_ok=True)  # a rerun with fewer logged points gets the table, not an old picture
+            logged, _ = plots.read_metrics(stage_dir(out, s) / "metrics.jsonl")
+            if len(logged) >= MIN_CURVE_POINTS:  # fewer: the report shows them as a table
+                curves[s] = plots.plot_curves(stage_dir(out, s), png, dpi=60)
     write_report(out, pipeline_record(cfg, config_file), stages, curves)
 
 

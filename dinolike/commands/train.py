@@ -18,7 +18,8 @@ from dinolike.train.rundir import check_output_dir
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"dinolike {command}", description=__doc__)
-    p.add_argument("--config", help="recipe yaml (a delta on configs/base.yaml)")
+    p.add_argument("--config", help="recipe yaml (a delta on configs/base.yaml): a path, or the name of a recipe "
+                   "shipped with dinolike (fmnist_smoke.yaml, folder_vits14.yaml, ...)")
     if command == "distill":
         p.add_argument("--teacher", help="pretraining checkpoint of the frozen teacher (= distill.teacher)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -34,8 +35,9 @@ def missing_config_message() -> str:
     """No --config: base.yaml alone is the ViT-L schema (125k iterations of 224 px crops), never what a user
     meant, so name the recipes instead of starting it."""
     recipes = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name != "base.yaml")
-    return ("give a recipe with --config FILE, e.g. --config configs/fmnist_cpu.yaml (the CPU main job) or "
-            f"configs/folder_vits14.yaml (your images, one GPU); shipped in {CONFIG_DIR}: {', '.join(recipes)}")
+    return ("give a recipe with --config FILE, e.g. --config fmnist_cpu.yaml (the CPU main job) or "
+            f"--config folder_vits14.yaml (your images, one GPU); shipped (by name from any folder): "
+            f"{', '.join(recipes)}")
 
 
 def validate(argv: list[str]) -> DictConfig:
@@ -65,29 +67,16 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
-    local_child = os.environ.get(CHILD_ENV) == "1"
-    if not str(cfg.data.train).startswith("fmnist") and cfg.model.in_chans == 1 and not local_child:
-        # the CPU recipes are made for 28 px grey-scale Fashion-MNIST: photos would silently be trained as such
-        print(f"dinolike {command}: warning: data.train={cfg.data.train} is read as 1-channel grey-scale "
-              f"images cropped to {cfg.crops.global_size} px (a Fashion-MNIST recipe); for RGB images use "
-              "configs/folder_vits14.yaml", file=sys.stderr)
-    n_local = cfg.dist.local_processes
-    if n_local > 1 and launcher() == "single":
-        status = run_local(argv, n_local)
-        if status == 0 and cfg.eval.final_knn:
-            return final_knn(cfg)  # once, here: the children leave it to this parent
-        return status
-    if n_local > 1 and not local_child:
-        logging.getLogger("dinolike.train").info(
-            "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
+    if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
+        print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
     from dinolike.train.checkpoint import NonFiniteStateError, RunWriteError
     from dinolike.train.collapse import CollapseError
-    from dinolike.train.loop import NonFiniteLossError, train
+    from dinolike.train.loop import NonFiniteLossError
 
     try:
-        status = train(cfg)
+        return run(argv, cfg)
     except (NonFiniteLossError, NonFiniteStateError, CollapseError, RunWriteError) as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 1
@@ -108,9 +97,48 @@ def main(argv: list[str]) -> int:
               f"{Path(cfg.run.output_dir) / 'checkpoints'} (if any) is intact: run the same command to resume",
               file=sys.stderr)
         return 130
+
+
+def run(argv: list[str], cfg: DictConfig) -> int:
+    """Run `dinolike train|distill ARGV` whose checked config is `cfg` (from `validate(argv)`): in this
+    process, or as `dist.local_processes` processes it starts and supervises; then the final kNN. Returns
+    the exit status; the training errors (a non-finite loss, a collapse, a bad dataset ...) are raised."""
+    from dinolike.train.loop import train
+
+    local_child = os.environ.get(CHILD_ENV) == "1"
+    n_local = cfg.dist.local_processes
+    if n_local > 1 and launcher() == "single":
+        status = run_local(argv, n_local)
+        if status == 0 and cfg.eval.final_knn:
+            return final_knn(cfg)  # once, here: the children leave it to this parent
+        return status
+    if n_local > 1 and not local_child:
+        logging.getLogger("dinolike.train").info(
+            "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
+    status = train(cfg)
     if status == 0 and cfg.eval.final_knn and not local_child:
         return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
+
+
+def grey_scale_warning(cfg: DictConfig) -> str | None:
+    """A warning when a 1-channel recipe (made for 28 px Fashion-MNIST) is about to train on photos: the
+    first image of data.train is colour, or larger than the global crop. None for grey-scale images of
+    the crop's size (Fashion-MNIST itself, or its images as files: a manifest, the curation demo pool)."""
+    from dinolike.data.datasets import first_image
+
+    if cfg.model.in_chans != 1 or str(cfg.data.train).startswith("fmnist"):
+        return None
+    found = first_image(str(cfg.data.train))
+    if found is None:  # unreadable or no image: training reports it, in its own words
+        return None
+    path, mode, size = found
+    crop = int(cfg.crops.global_size)
+    if mode in ("1", "L", "LA", "I", "I;16", "F") and max(size) <= crop:
+        return None
+    return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
+            f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
+            "configs/folder_vits14.yaml")
 
 
 def final_knn(cfg: DictConfig) -> int:

@@ -344,6 +344,33 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return scheme, rest
 
 
+def as_spec(data: str | os.PathLike) -> str:
+    """A dataset spec from what a Python caller passes: a spec as it is (`folder:DIR`, `fmnist:train`),
+    an existing folder as `folder:DIR` (labels from its first-level sub-folders, -1 for images directly
+    in it) and an existing file as `manifest:FILE`. Checked like any spec (ValueError)."""
+    path = Path(os.fspath(data)).expanduser()
+    if path.is_dir():
+        return f"folder:{path.absolute()}"
+    if path.is_file():
+        return f"manifest:{path.absolute()}"
+    parse_spec(str(data))
+    return str(data)
+
+
+def first_image(spec: str) -> tuple[str, str, tuple[int, int]] | None:
+    """(path, PIL mode, (width, height)) of the first image file of a folder or manifest spec, read from
+    its header only; None for Fashion-MNIST, a bad spec or an unreadable first file."""
+    try:
+        scheme, _ = parse_spec(spec)
+        if scheme == "fmnist":
+            return None
+        path = build_dataset(spec).paths[0]
+        with Image.open(path) as img:
+            return path, img.mode, img.size
+    except (DataError, *_IMAGE_READ_ERRORS):
+        return None
+
+
 def build_dataset(
     spec: str, channels: int | None = None, limit: int | None = None
 ) -> FashionMNIST | ImageFolder | Manifest:

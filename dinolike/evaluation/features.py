@@ -42,12 +42,14 @@ class FeatureSet:
     cls: [N, L, D] normalised CLS tokens of the last L blocks (oldest first; cls[:, -1] is the final one).
     patch_mean: [N, D] average of the last block's normalised patch tokens, or None (raw pixels).
     labels: [N] int64 class ids. skipped: items the dataset could not decode (counted, not fatal).
+    index: [N] int64 dataset index of each row (rows of skipped items are absent), or None (an older cache).
     """
 
     cls: Tensor
     patch_mean: Tensor | None
     labels: Tensor
     skipped: int = 0
+    index: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -84,7 +86,7 @@ class FeatureSet:
     def subset(self, idx: Tensor) -> FeatureSet:
         """The rows `idx` [M] of this set (a few-label split of the labelled train features)."""
         pm = None if self.patch_mean is None else self.patch_mean[idx]
-        return FeatureSet(self.cls[idx], pm, self.labels[idx], 0)
+        return FeatureSet(self.cls[idx], pm, self.labels[idx], 0, None if self.index is None else self.index[idx])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,11 +94,12 @@ class FeatureSet:
             "patch_mean": self.patch_mean,
             "labels": self.labels,
             "skipped": self.skipped,
+            "index": self.index,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FeatureSet:
-        return cls(d["cls"], d["patch_mean"], d["labels"], int(d.get("skipped", 0)))
+        return cls(d["cls"], d["patch_mean"], d["labels"], int(d.get("skipped", 0)), d.get("index"))
 
 
 # ----------------------------------------------------------------------------------------------- batches
@@ -309,4 +312,4 @@ def extract_features(
         skipped = int(sk.item())
     if skipped:
         log.warning("%s: skipped %d undecodable items of %d", desc, skipped, n_total)
-    return FeatureSet(parts["cls"], parts.get("patch_mean"), parts["labels"], skipped)
+    return FeatureSet(parts["cls"], parts.get("patch_mean"), parts["labels"], skipped, parts["index"])

@@ -69,8 +69,9 @@ def read_backbone(
 
     Accepted: a dinolike training checkpoint (`which` = teacher | student), an exported backbone (+ `.json`
     sidecar), an official hub `.pth` (plain, `module.`/`backbone.` prefixes or FSDP `blocks.C.N.`), an
-    official `teacher_checkpoint.pth`, and `dinolike export --format hf|timm` directories (or any HF / timm
-    DINOv2 directory with config.json + weights). The config is None only for bare official files.
+    official `teacher_checkpoint.pth`, `dinolike export --format hf|timm` directories (or any HF / timm
+    DINOv2 directory with config.json + weights) and run folders (their `teacher_backbone.pth`, or the
+    newest checkpoint for the student). The config is None only for bare official files.
     """
     from dinolike.interop import hf, timm
 
@@ -80,10 +81,14 @@ def read_backbone(
             return hf.load_hf(path)
         if timm.is_timm_dir(path):
             return timm.load_timm(path)
-        for name in ("backbone.pth", "teacher_backbone.pth"):
-            if (path / name).is_file():
-                return read_backbone(path / name, which)
-        raise InteropError(f"{path} is a directory but not a Hugging Face / timm model or a dinolike export")
+        newest = sorted((path / "checkpoints").glob("ckpt_*.pt"))[-1:]  # a run folder's newest checkpoint
+        exported = [path / n for n in ("backbone.pth", "teacher_backbone.pth") if (path / n).is_file()]
+        # a run folder: its exported teacher; the student (or a run stopped before its export) from the checkpoint
+        order = [*newest, *exported] if which == "student" else [*exported, *newest]
+        if order:
+            return read_backbone(order[0], which)
+        raise InteropError(f"{path} is a directory but not a run folder, a Hugging Face / timm model or a "
+                           "dinolike export")
     if path.suffix == ".safetensors":
         state: Mapping[str, Tensor] = load_safetensors(path)
         cfg_file = path.parent / "config.json"

@@ -107,6 +107,17 @@ def run_knn(run_dir: Path | None) -> tuple[float, str] | None:
     return last
 
 
+def data_label(spec: str) -> str:
+    """A training-data spec for a card that is shared: the dataset, never a path of the machine it was
+    trained on (`folder:/home/me/photos` says who and where; `fmnist:train:/mnt/x` only where)."""
+    scheme, _, rest = spec.partition(":")
+    if scheme == "fmnist":
+        return f"`fmnist:{rest.partition(':')[0]}` (Fashion-MNIST)"
+    what = {"folder": "a folder of images, labels from its sub-folders (unused by pretraining)",
+            "folder-nolabels": "a folder of images", "manifest": "a list of image files (e.g. a curated manifest)"}
+    return f"`{scheme}`: {what.get(scheme, 'local images')}, not named here"
+
+
 def model_card(
     fmt: str, model_cfg: dict[str, Any], prep: Preprocessing, run_cfg: dict[str, Any] | None,
     run_dir: Path | None, source: str, collapsed_cosine: float | None = None,
@@ -147,7 +158,8 @@ def model_card(
         t, cr = run_cfg.get("teacher", {}), run_cfg.get("crops", {})
         lines += [
             "## Data and recipe",
-            f"- training data: `{d.get('train')}`" + (f" (first {d['limit']} images)" if d.get("limit") else ""),
+            f"- training data: {data_label(str(d.get('train')))}" + (f" (first {d['limit']} images)" if d.get("limit")
+                                                                     else ""),
             f"- {o.get('epochs')} epochs of {o.get('epoch_length')} iterations, batch {d.get('batch_size')} per "
             f"process, base lr {o.get('base_lr')} ({o.get('lr_scaling')} scaling), weight decay "
             f"{o.get('weight_decay')} -> {o.get('weight_decay_end')}",
@@ -174,5 +186,5 @@ def model_card(
     }.get(fmt)
     if usage:
         lines += ["## Usage", "```python", *usage, "```", ""]
-    lines.append(f"Exported from `{source}`.")
+    lines.append(f"Exported from `{Path(source).name}`" + (f" of run `{run_dir.name}`." if run_dir else "."))
     return "\n".join(lines) + "\n"

@@ -29,7 +29,9 @@ from dinolike.interop.common import (
 )
 from dinolike.interop.run_info import Preprocessing, preprocessing
 
-_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+# timm's DINOv2 entries: (width, blocks, heads, FFN) of each size, all with 14 px patches
+_OFFICIAL = {"small": (384, 12, 6, "mlp"), "base": (768, 12, 12, "mlp"), "large": (1024, 24, 16, "mlp"),
+             "giant": (1536, 40, 24, "swiglu")}
 
 
 def timm_to_dinolike(
@@ -104,13 +106,25 @@ def timm_to_dinolike(
 
 
 def timm_model_name(cfg: Mapping[str, Any]) -> str:
-    """The registered timm model whose structure fits (sizes are then set by `model_args`).
-
-    SwiGLU needs the giant entry: its `mlp_layer=SwiGLUPacked` cannot be written into a JSON config.
+    """The `architecture` of timm's config.json: the registered DINOv2 entry when the model has one of its
+    shapes (`vit_small_patch14_dinov2` is 384-d, 12 blocks, 6 heads, patch 14), else the entry that builds
+    this structure (timm requires a registered name; `model_args` set every size) tagged with the real
+    architecture: `vit_small_patch14_dinov2.dinolike_96d_4x3h_patch8_28px` is a 96-d, 4-block, 3-head
+    ViT with 8 px patches at 28 px, not a ViT-S/14. SwiGLU needs the giant entry: its `mlp_layer` cannot
+    be written into a JSON config.
     """
-    size = "giant" if cfg.get("ffn_layer") == "swiglu" else _SIZES.get(int(cfg["embed_dim"]), "small")
-    reg = "_reg4" if int(cfg.get("n_registers") or 0) else ""
-    return f"vit_{size}_patch14{reg}_dinov2"
+    regs = int(cfg.get("n_registers") or 0)
+    ffn = cfg.get("ffn_layer") or "mlp"
+    dim, depth, heads, patch = (int(cfg[k]) for k in ("embed_dim", "depth", "num_heads", "patch_size"))
+    reg = "_reg4" if regs else ""
+    for size, shape in _OFFICIAL.items():
+        if shape == (dim, depth, heads, ffn) and patch == 14 and regs in (0, 4):
+            return f"vit_{size}_patch14{reg}_dinov2"
+    builder = f"vit_{'giant' if ffn == 'swiglu' else 'small'}_patch14{reg}_dinov2"
+    px = int(cfg.get("img_size") or 0)
+    real = f"dinolike_{dim}d_{depth}x{heads}h_patch{patch}" + (f"_{px}px" if px else "")
+    real += (f"_reg{regs}" if regs else "") + ("_swiglu" if ffn == "swiglu" else "")
+    return f"{builder}.{real}"
 
 
 def dinolike_to_timm(
@@ -152,7 +166,7 @@ def dinolike_to_timm(
     }
     if regs:
         model_args.update(reg_tokens=regs, no_embed_class=True)
-    return sd, timm_model_name(c), model_args
+    return sd, timm_model_name({**c, "img_size": grid * patch}), model_args
 
 
 def save_timm(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dinolike.config import CONFIG_DIR, ConfigError, _read_yaml_chain, load_config
+from dinolike.config import CONFIG_DIR, ConfigError, _read_yaml_chain, find_config, load_config
 
 SCHEMA = CONFIG_DIR / "pipeline" / "base.yaml"
 STAGES = ("curate", "pretrain", "highres", "distill", "eval")
@@ -49,11 +49,22 @@ def load_pipeline(path: str | Path | None, overrides: list[str] | None = None) -
         raise ConfigError(f"stages run in the order {list(STAGES)}, got {stages}")
     for stage, extra in per_stage.items():
         cfg[stage].overrides = [*cfg[stage].overrides, *extra]
+    here = [find_config(path).parent] if path is not None else []
     for stage in stages:
         if stage != "eval" and not cfg[stage].config:
             raise ConfigError(f"stage {stage!r} needs its command's recipe: set {stage}.config")
+        if stage != "eval":
+            cfg[stage].config = _found_recipes(cfg[stage].config, here, stage)
     cfg.output_dir = str(Path(cfg.output_dir).absolute())
     return cfg
+
+
+def _found_recipes(value: str | ListConfig, search: list[Path], stage: str) -> str | list[str]:
+    """A stage's recipe(s) as absolute paths: relative to the pipeline file, the current folder, or the
+    recipes shipped with dinolike (`find_config`), so a pipeline runs from any folder."""
+    items = [value] if isinstance(value, str) else list(value)
+    found = [str(find_config(str(v), search, what=f"{stage}.config: file")) for v in items]
+    return found[0] if isinstance(value, str) else found
 
 
 def recipe_files(value: str | ListConfig | list | None) -> list[Path]:

@@ -12,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 REPORT_DIR = "report"
+# a training stage that logged fewer iterations than this (a short high-res phase) is a table in the
+# report: a picture of one dot per panel says less than its numbers
+MIN_CURVE_POINTS = 2
+TABLE_KEYS = ("loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "teacher_entropy",
+              "student_mean_entropy", "lr", "knn_top1")
 
 
 def _bars(path: Path, labels: list[str], groups: dict[str, list[float]], ylabel: str, title: str) -> Path:
@@ -61,16 +66,33 @@ def _eval_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _train_line(run: Path) -> str:
-    """Iterations, final loss and last periodic kNN of a run, from its metrics.jsonl."""
-    rows = []
+def _metric_rows(run: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, those of one iteration merged (a periodic kNN is its own row)."""
+    by_iter: dict[int, dict[str, Any]] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         try:  # a line cut short by a crash or a full disk is skipped, as eval/plot.py does
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and "iteration" in row:
-            rows.append(row)
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            by_iter[row["iteration"]] = {**by_iter.get(row["iteration"], {}), **row}
+    return [by_iter[i] for i in sorted(by_iter)]
+
+
+def _metrics_table(run: Path) -> list[str]:
+    """The logged values of a short run, one row per logged iteration (instead of its curves)."""
+    rows = _metric_rows(run)
+    keys = [k for k in TABLE_KEYS if any(isinstance(r.get(k), int | float) for r in rows)]
+    lines = ["| iteration | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), int | float) else "" for k in keys]
+        lines.append(f"| {r['iteration']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _train_line(run: Path) -> str:
+    """Iterations, final loss and last periodic kNN of a run, from its metrics.jsonl."""
+    rows = _metric_rows(run)
     if not rows:
         return "no metrics logged"
     last = rows[-1]
@@ -114,6 +136,8 @@ def write_report(out: Path, pipeline: dict[str, Any], stages: list[str], curves:
             md += ["", f"**{s}**: {_train_line(out / s)}."]
             if s in curves:
                 md += ["", f"![{s} curves]({curves[s].relative_to(out)})"]
+            elif (out / s / "metrics.jsonl").is_file():
+                md += ["", *_metrics_table(out / s)]
     results_file = out / "eval" / "results.json"
     if states.get("eval", {}).get("status") == "done" and results_file.is_file():
         results = json.loads(results_file.read_text())

@@ -1,0 +1,140 @@
+"""The Python API: `dinolike.train`, `dinolike.load`, `dinolike.embed` (re-exported by `dinolike/__init__.py`).
+
+Each is the command of the same name, called from Python: `train` runs exactly what `dinolike train`
+runs (the strict config loader, its checks, `dist.local_processes` worker processes, the final kNN),
+`embed` what `dinolike embed` runs, without the file. Bad input raises an exception whose message is the
+one line the command would print (ConfigError, a ValueError, for a config or a data spec;
+FileNotFoundError for a missing checkpoint); a run that fails raises TrainError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from dinolike.config import ConfigError, find_config
+from dinolike.evaluation.embed import Embeddings, Preprocess
+
+DEFAULT_RECIPE = "folder_vits14.yaml"  # ViT-S/14 on your own RGB images (configs/folder_vits14.yaml)
+
+
+class TrainError(RuntimeError):
+    """A training run that ended with a non-zero status (its error was printed and is in log.txt)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a finished run left its files, and its merged config."""
+
+    run_dir: Path
+    config: DictConfig = field(repr=False)  # the merged config (also run_dir/config.yaml)
+
+    @property
+    def backbone(self) -> Path:
+        """The exported EMA teacher (official DINOv2 keys), what `load` and `embed` read."""
+        return self.run_dir / "teacher_backbone.pth"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def knn_top1(self) -> float | None:
+        """Top-1 % of the final kNN (k=20) when the recipe ran one (eval.final_knn), else None."""
+        res = self.run_dir / "eval_knn" / "results.json"
+        return json.loads(res.read_text())["metrics"].get("k20_top1") if res.is_file() else None
+
+
+def _value(v: Any) -> str:
+    """A Python value as the command line's `key=value` spells it (YAML flow: JSON, but bare bools/null)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{k}: {_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (os.PathLike, str)):
+        return json.dumps(os.fspath(v))  # quoted: "true" or "1" stays a string
+    return json.dumps(v)  # bool -> true, None -> null, numbers as they are
+
+
+def overrides_from(kwargs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """`optim={"epochs": 3}` or `**{"optim.epochs": 3}` -> ["optim.epochs=3"]; a dict is a section."""
+    out = []
+    for key, v in kwargs.items():
+        if isinstance(v, Mapping) and not f"{prefix}{key}".startswith("distill.students"):
+            out += overrides_from(v, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={_value(v)}")
+    return out
+
+
+def train(
+    out_dir: str | os.PathLike, data: str | os.PathLike | None = None, recipe: str | os.PathLike = DEFAULT_RECIPE,
+    **overrides: Any,
+) -> TrainResult:
+    """Pretrain a backbone on `data` with `recipe` into `out_dir`, as `dinolike train` does.
+
+    data: a dataset spec (`folder:DIR`, `manifest:FILE`, `fmnist:train`), a folder of images or a list
+    file; None keeps the recipe's own. recipe: a recipe file or the name of a shipped one
+    (`fmnist_smoke.yaml`, `fmnist_cpu.yaml`, `folder_vits14.yaml`). overrides: sections as dicts
+    (`optim={"epochs": 3}`) or dotted keys (`**{"optim.epochs": 3}`), checked like the command line's.
+    Run it again with the same arguments and it resumes from the newest checkpoint.
+    """
+    from dinolike.commands.train import run, validate
+    from dinolike.data.datasets import as_spec
+
+    argv = ["train", "--config", str(find_config(recipe)), f"run.output_dir={_value(Path(out_dir).absolute())}"]
+    if data is not None:
+        try:
+            argv.append(f"data.train={_value(as_spec(data))}")
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+    argv += overrides_from(overrides)
+    cfg = validate(argv)
+    status = run(argv, cfg)
+    if status != 0:
+        raise TrainError(f"dinolike.train: the run stopped with exit status {status}; see its error above and "
+                         f"{cfg.run.output_dir}/log.txt (run the same call again to resume)")
+    return TrainResult(Path(cfg.run.output_dir), cfg)
+
+
+def load(ckpt_or_run: str | os.PathLike, which: str = "teacher") -> tuple[nn.Module, Preprocess]:
+    """(eval-mode backbone, its preprocessing) from a run folder, a checkpoint or an export.
+
+    `preprocess(pil_image)` gives the tensor [C, H, W] the run trained on (grey or RGB, resized,
+    center-cropped, normalised); `model(x)` [B, C, H, W] gives the normalised CLS embeddings [B, D].
+    """
+    from dinolike.evaluation.embed import load_backbone
+
+    return load_backbone(ckpt_or_run, which)
+
+
+def embed(
+    model: str | os.PathLike | nn.Module, data: str | os.PathLike, preprocess: Preprocess | None = None, *,
+    patches: bool = False, batch_size: int = 256, num_workers: int = 0, device: str | None = None,
+    progress: bool = False,
+) -> Embeddings:
+    """Embeddings of every readable image of `data` (a spec, a folder or a list file), with file names.
+
+    model: a run folder, a checkpoint or an export (its run's preprocessing is used), or a backbone from
+    `load` with its `preprocess`. Returns `Embeddings` (`.names`, `.cls` [N, D], `.patches` [N, D] when
+    asked for, `.labels`, `.skipped`).
+    """
+    from dinolike.data.datasets import as_spec, build_dataset
+    from dinolike.evaluation.embed import embed_dataset, load_backbone
+
+    if not isinstance(model, nn.Module):
+        model, preprocess = load_backbone(model)
+    elif preprocess is None:
+        raise ValueError("embed(model, ...) with a loaded model needs its preprocess: model, preprocess = load(...)")
+    dataset = build_dataset(as_spec(data), channels=preprocess.channels)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return embed_dataset(model, dataset, preprocess, patches=patches, batch_size=batch_size,
+                         num_workers=num_workers, device=device, progress=progress)

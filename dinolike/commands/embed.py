@@ -1,0 +1,138 @@
+"""`dinolike embed CKPT_OR_RUN --data folder:DIR --out FILE [--patches]`: embeddings of a set of images.
+
+One row per readable image, with its file name, in the order of the folder (sorted paths). The backbone
+is any checkpoint, run folder or export `dinolike eval` accepts; the images get the run's own
+preprocessing (its crop size and mean/std, what `dinolike export` writes).
+
+FILE by its suffix:
+  .npy      FILE: CLS embeddings [N, D] float32; FILE without .npy + .names.txt: one file name a line;
+            with --patches also FILE without .npy + .patches.npy: pooled patch embeddings [N, D]
+  .parquet  one table: name, label (first-level sub-folder index, -1 without one), cls, patches
+            (fixed-size float32 lists); needs pyarrow (pip install pyarrow)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dinolike.evaluation.embed import Embeddings
+
+SUFFIXES = (".npy", ".parquet")
+
+
+class EmbedError(Exception):
+    """Bad input for `dinolike embed` the user can fix: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinolike embed", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pretrained",
+                   help="run folder, training checkpoint, exported or official backbone, HF / timm folder")
+    p.add_argument("--data", required=True, help="images: folder:DIR, folder-nolabels:DIR, manifest:FILE, "
+                   "fmnist:train|test, or a folder / list file")
+    p.add_argument("--out", required=True, help=f"output file: {' or '.join(SUFFIXES)}")
+    p.add_argument("--patches", action="store_true", help="also write the mean of the patch tokens")
+    p.add_argument("--which", default="teacher", choices=("teacher", "student"), help="model of a checkpoint")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (0: in this one)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def sidecars(out: Path) -> dict[str, Path]:
+    """The files a .npy output is made of, by content."""
+    stem = out.with_suffix("")
+    return {"cls": out, "names": Path(f"{stem}.names.txt"), "patches": Path(f"{stem}.patches.npy")}
+
+
+def check_output(out: Path) -> None:
+    """Before any image is read: a suffix we write, a folder we can write into, pyarrow for parquet."""
+    if out.suffix not in SUFFIXES:
+        raise EmbedError(f"--out {out}: unknown suffix {out.suffix or '(none)'!r}; use {' or '.join(SUFFIXES)}")
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise EmbedError("writing .parquet needs pyarrow (pip install pyarrow); or use --out FILE.npy") from None
+    if out.is_dir():
+        raise EmbedError(f"--out {out} is a folder; give a file name")
+
+
+def write(emb: Embeddings, out: Path, meta: dict) -> list[Path]:
+    """Write `emb` as `out` says (see the module docstring); returns the files written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        if any("\n" in n for n in emb.names):
+            raise EmbedError("a file name holds a line break and cannot be listed in .names.txt; use .parquet")
+        files = sidecars(out)
+        np.save(files["cls"], emb.cls)
+        files["names"].write_text("".join(f"{n}\n" for n in emb.names))
+        written = [files["cls"], files["names"]]
+        if emb.patches is not None:
+            np.save(files["patches"], emb.patches)
+            written.append(files["patches"])
+        return written
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def column(x: np.ndarray) -> pa.Array:  # [N, D] -> N fixed-size lists of D float32
+        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), x.shape[1])
+
+    cols = {"name": pa.array(emb.names, pa.string()), "label": pa.array(emb.labels, pa.int64()), "cls": column(emb.cls)}
+    if emb.patches is not None:
+        cols["patches"] = column(emb.patches)
+    table = pa.table(cols).replace_schema_metadata({"dinolike": json.dumps(meta)})
+    pq.write_table(table, out)
+    return [out]
+
+
+def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
+    """Load, embed and write; raises EmbedError / FileNotFoundError / DataError on bad input."""
+    from dinolike.commands.api import embed
+    from dinolike.data.datasets import as_spec
+    from dinolike.evaluation.embed import load_backbone
+
+    out = Path(args.out)
+    check_output(out)
+    if args.batch_size < 1:
+        raise EmbedError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        spec = as_spec(args.data)
+    except ValueError as e:
+        raise EmbedError(f"--data: {e}") from None
+    model, prep = load_backbone(args.pretrained, args.which)
+    emb = embed(model, spec, prep, patches=args.patches, batch_size=args.batch_size, num_workers=args.num_workers,
+                device=args.device, progress=not args.no_progress)
+    n = prep.numbers
+    meta = {"pretrained": str(args.pretrained), "data": spec, "which": args.which,
+            "preprocessing": {"resize": n.resize, "crop": n.crop, "mean": list(n.mean), "std": list(n.std)}}
+    return emb, write(emb, out, meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dinolike.data.datasets import DataError
+    from dinolike.evaluation.features import FeatureError
+    from dinolike.models.load import CheckpointMismatchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        emb, files = run(args)
+    except (EmbedError, DataError, FeatureError, CheckpointMismatchError, FileNotFoundError) as e:
+        print(f"dinolike embed: error: {e}", file=sys.stderr)
+        return 2
+    skipped = f"; {len(emb.skipped)} unreadable skipped (e.g. {emb.skipped[0]})" if emb.skipped else ""
+    print(f"dinolike embed: {len(emb)} images x {emb.cls.shape[1]} dims written to "
+          f"{', '.join(map(str, files))}{skipped}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
