@@ -34,7 +34,7 @@ from dinolike.config import load_config
 from dinolike.data.datasets import build_dataset
 from dinolike.data.masking import MaskSampler
 from dinolike.dist import DistEnv
-from dinolike.train.data import build_augmentation, build_train_loader
+from dinolike.training.data import build_augmentation, build_train_loader
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -40,9 +40,9 @@ from dinolike.data.normalize import build_eval_transform  # noqa: E402
 from dinolike.evaluation.features import FeatureSet, extract_features  # noqa: E402
 from dinolike.evaluation.knn import knn_eval  # noqa: E402
 from dinolike.interop import load_pretrained  # noqa: E402
-from dinolike.train import checkpoint as ck  # noqa: E402
-from dinolike.train.checkpoint import resolve_checkpoint  # noqa: E402
-from dinolike.train.loop import train  # noqa: E402
+from dinolike.training import checkpoint as ck  # noqa: E402
+from dinolike.training.checkpoint import resolve_checkpoint  # noqa: E402
+from dinolike.training.loop import train  # noqa: E402
 from eval.linear import linear_probe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

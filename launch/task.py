@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-EXIT_REQUEUE = 3  # == dinolike.train.preempt.EXIT_REQUEUE (kept here so launch imports no torch)
+EXIT_REQUEUE = 3  # == dinolike.training.preempt.EXIT_REQUEUE (kept here so launch imports no torch)
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
 

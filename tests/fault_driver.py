@@ -34,7 +34,7 @@ def die() -> None:
 
 
 def install(phase: str, at: int, batch_size: int) -> None:
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.ssl import SSLMethod
 
     current = {"it": -1}
     real_forward, real_after = SSLMethod.forward_loss, SSLMethod.after_step

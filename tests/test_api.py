@@ -109,3 +109,15 @@ def test_import_dinolike_stays_cheap() -> None:
     r = python("import sys, dinolike; print(sorted(m for m in sys.modules if m.startswith(('torch', 'dinolike'))))",
                REPO)
     assert r.stdout.strip() == "['dinolike']"
+
+
+def test_the_api_functions_are_plain_functions_with_their_signatures() -> None:
+    """`dinolike.train` is the API function, not a package: help(), inspect and type checkers see it."""
+    import inspect
+
+    import dinolike.training.loop  # the training library under its own name, loaded first on purpose
+
+    assert inspect.isfunction(dinolike.train) and dinolike.train.__module__ == "dinolike.commands.api"
+    assert list(inspect.signature(dinolike.train).parameters)[:3] == ["out_dir", "data", "recipe"]
+    assert inspect.isfunction(dinolike.load) and inspect.isfunction(dinolike.embed)
+    assert dinolike.training.loop.train is not dinolike.train

@@ -12,8 +12,8 @@ from testkit import SMOKE
 
 from dinolike.bench import command, device
 from dinolike.config import load_config
-from dinolike.train import step as step_module
-from dinolike.train.method import Method
+from dinolike.training import step as step_module
+from dinolike.training.method import Method
 
 TINY = ["model.depth=1", "heads.out_dim=32", "heads.ibot_out_dim=32", "heads.hidden_dim=32",
         "heads.bottleneck_dim=16", "data.batch_size=4", "data.limit=32", "crops.local_number=2"]
@@ -55,7 +55,7 @@ def test_synthetic_bench_copies_no_crops_per_step(monkeypatch, small_peak) -> No
     def no_loader(*args, **kwargs):
         raise AssertionError("the synthetic bench built the data loader")
 
-    monkeypatch.setattr("dinolike.train.data.build_train_loader", no_loader)
+    monkeypatch.setattr("dinolike.training.data.build_train_loader", no_loader)
     res = command.run_bench(cfg, iters=2, warmup=1, synthetic=True)
 
     assert len(seen) == 1 + 2 + 2  # warmup, phase-timed, back to back
@@ -110,9 +110,9 @@ def test_train_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
     CPU-only precision check of the Sinkhorn-Knopp fast path (`_sinkhorn_by_scaling`, never on CUDA).
     The loss check (`check=`) is a read by design: the loop runs it only at log time on a GPU."""
     from dinolike.bench.batches import synthetic_batch
-    from dinolike.train.optim import build_optimizer
-    from dinolike.train.schedules import build_schedules
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.optim import build_optimizer
+    from dinolike.training.schedules import build_schedules
+    from dinolike.training.ssl import SSLMethod
 
     cfg = load_config(SMOKE, TINY)
     torch.manual_seed(0)

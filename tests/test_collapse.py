@@ -12,10 +12,10 @@ import torch
 from testkit import REPO, SMOKE
 
 from dinolike.config import load_config
-from dinolike.train import checkpoint as ck
-from dinolike.train.collapse import CollapseError, CollapseWatch
-from dinolike.train.loop import train
-from dinolike.train.ssl import collapse_signals
+from dinolike.training import checkpoint as ck
+from dinolike.training.collapse import CollapseError, CollapseWatch
+from dinolike.training.loop import train
+from dinolike.training.ssl import collapse_signals
 
 K = 256
 LN_K = math.log(K)

@@ -95,8 +95,8 @@ def test_recipes_write_distinct_run_folders() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_can_start_a_run(path: Path) -> None:
     from dinolike.models import build_backbone
-    from dinolike.train.distill import student_model_configs
-    from dinolike.train.schedules import build_schedules
+    from dinolike.training.distill import student_model_configs
+    from dinolike.training.schedules import build_schedules
 
     cfg = load_config(path)
     _check_sets_what_it_says(path, cfg)

@@ -181,7 +181,7 @@ def test_augment_on_device_gives_the_step_the_same_batches() -> None:
     step sees the batches of the one-piece loader (same seeds, same positions)."""
     from dinolike.config import load_config
     from dinolike.dist import DistEnv
-    from dinolike.train.data import build_batch_mover, build_train_loader
+    from dinolike.training.data import build_batch_mover, build_train_loader
 
     config = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
     base = ["data.batch_size=4", "data.num_workers=0", "data.limit=32", "run.progress=false"]

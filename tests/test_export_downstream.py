@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from dinolike.config import load_config
 from dinolike.models import build_backbone
-from dinolike.train.export import export_backbone
+from dinolike.training.export import export_backbone
 
 REPO = Path(__file__).resolve().parent.parent
 

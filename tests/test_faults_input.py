@@ -24,7 +24,7 @@ from dinolike.commands import train as cli
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST, ImageFolder, load_image, read_image
 from dinolike.data.positions import SSLDataset
-from dinolike.train.loop import train
+from dinolike.training.loop import train
 from launch import submit
 
 REPO = Path(__file__).resolve().parent.parent

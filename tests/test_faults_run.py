@@ -29,12 +29,12 @@ from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.evaluation.spread import CONSTANT_COSINE, backbone_cls_cosine, mean_pairwise_cosine
 from dinolike.models import build_backbone
-from dinolike.train import checkpoint as ck
-from dinolike.train import loop
-from dinolike.train.collapse import CollapseError, CollapseWatch
-from dinolike.train.estimate import estimate_seconds_per_iteration
-from dinolike.train.summary import cpu_warning
-from dinolike.train.validate import check_train_config
+from dinolike.training import checkpoint as ck
+from dinolike.training import loop
+from dinolike.training.collapse import CollapseError, CollapseWatch
+from dinolike.training.estimate import estimate_seconds_per_iteration
+from dinolike.training.summary import cpu_warning
+from dinolike.training.validate import check_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
@@ -192,7 +192,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_teacher_export(tmp_path, process
 
 
 def test_a_second_ctrl_c_aborts_at_once_with_one_line(tmp_path, monkeypatch, capsys):
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.ssl import SSLMethod
 
     real = SSLMethod.forward_loss
 

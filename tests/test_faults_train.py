@@ -25,9 +25,9 @@ from faultlog import record
 
 from dinolike.commands import train as cli
 from dinolike.config import load_config
-from dinolike.train import checkpoint as ck
-from dinolike.train.loop import train
-from dinolike.train.ssl import SSLMethod
+from dinolike.training import checkpoint as ck
+from dinolike.training.loop import train
+from dinolike.training.ssl import SSLMethod
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "fmnist_smoke.yaml"

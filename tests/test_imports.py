@@ -24,7 +24,7 @@ FLOORS: dict[str, int] = {
     "dinolike": 4, "dinolike.config": 0,  # the strict config loader: any floor reads configs
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
-    "dinolike.train": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
+    "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
     "dinolike.evaluation": 3, "dinolike.local_procs": 3, "dinolike.pipeline": 3,
     # commands on top of the library: the CLI and the command packages
     "dinolike.cli": 4, "dinolike.commands": 4, "dinolike.bench": 4, "eval": 4, "curation": 4, "launch": 4,
@@ -185,20 +185,21 @@ def test_imports_point_down_the_floors() -> None:
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) -> None:
     """A circle closed only inside a function, through a relative import, and an upward import in a
     function body are both found: the test above can fail."""
-    pkg = tmp_path / "dinolike" / "train"
+    pkg = tmp_path / "dinolike" / "training"
     pkg.mkdir(parents=True)
     (tmp_path / "dinolike" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     (pkg / "loop.py").write_text("def build():\n    from .distill import Distill\n    return Distill\n")
-    (pkg / "distill.py").write_text("class Distill:\n    def f(self):\n        from dinolike.train.loop import build\n")
+    (pkg / "distill.py").write_text(
+        "class Distill:\n    def f(self):\n        from dinolike.training.loop import build\n")
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "__init__.py").write_text("")
-    (tmp_path / "eval" / "knn.py").write_text("import importlib\nM = importlib.import_module('dinolike.train')\n")
+    (tmp_path / "eval" / "knn.py").write_text("import importlib\nM = importlib.import_module('dinolike.training')\n")
     (pkg / "periodic.py").write_text("def knn():\n    from dinolike_eval.knn import knn_eval\n")
     graph = import_graph(tmp_path, roots=("dinolike", "eval"))
-    assert circles(graph) == [["dinolike.train.distill", "dinolike.train.loop"]]
-    assert graph["eval.knn"] == {"dinolike.train": 2}
+    assert circles(graph) == [["dinolike.training.distill", "dinolike.training.loop"]]
+    assert graph["eval.knn"] == {"dinolike.training": 2}
     modules = project_modules(tmp_path, roots=("dinolike", "eval"))
     assert upward_imports(graph, modules, tmp_path) == [
-        "dinolike/train/periodic.py:2: dinolike.train.periodic (floor 3) imports eval.knn (floor 4)"
+        "dinolike/training/periodic.py:2: dinolike.training.periodic (floor 3) imports eval.knn (floor 4)"
     ]

@@ -27,7 +27,7 @@ from dinolike.models import (
     build_backbone,
     load_state_strict,
 )
-from dinolike.train.export import export_backbone
+from dinolike.training.export import export_backbone
 
 TOL = 1e-5  # max abs difference allowed in fp32 (the bound)
 
@@ -291,7 +291,7 @@ def test_official_teacher_checkpoint_with_heads(tmp_path: Path) -> None:
         "ibot_separate_head": True,
         "ibot_out_dim": 56,
     }
-    from dinolike.train.ssl import build_student
+    from dinolike.training.ssl import build_student
 
     over = [f"heads.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in heads.items()]
     cfg = load_config(SMOKE, [*over, "model.depth=2"])
@@ -319,7 +319,7 @@ def pico_official(tmp_path: Path, img_size: int) -> tuple[VisionTransformer, Pat
 
 
 def test_ssl_method_starts_from_pretrained_weights_with_fresh_heads(tmp_path: Path) -> None:
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.ssl import SSLMethod
 
     src, path = pico_official(tmp_path, img_size=56)  # 8x8 grid into the recipe's 4x4: resized
     cfg = load_config(SMOKE, [f"model.pretrained_weights={path}", f"run.output_dir={tmp_path}"])
@@ -340,8 +340,8 @@ def test_ssl_method_starts_from_pretrained_weights_with_fresh_heads(tmp_path: Pa
 
 
 def test_train_starts_from_an_exported_official_backbone(tmp_path: Path) -> None:
-    from dinolike.train import checkpoint as ck
-    from dinolike.train.loop import train
+    from dinolike.training import checkpoint as ck
+    from dinolike.training.loop import train
 
     src, path = pico_official(tmp_path, img_size=28)
     assert export_main([str(path), "--format", "official", "--out", str(tmp_path / "exp")]) == 0

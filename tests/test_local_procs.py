@@ -10,7 +10,7 @@ from pathlib import Path
 from testkit import REPO, SMOKE
 
 from dinolike.local_procs import run_local, threads_per_process
-from dinolike.train import checkpoint as ck
+from dinolike.training import checkpoint as ck
 
 CHILD = """
 import os, sys, time

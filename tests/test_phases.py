@@ -13,12 +13,12 @@ import pytest
 import torch
 from testkit import SMOKE, rows
 
-import dinolike.train.loop as loop
+import dinolike.training.loop as loop
 from dinolike.commands.train import main as train_cli
 from dinolike.config import load_config
 from dinolike.interop import load_pretrained
-from dinolike.train import checkpoint as ck
-from dinolike.train.schedules import build_schedules
+from dinolike.training import checkpoint as ck
+from dinolike.training.schedules import build_schedules
 
 TINY = [  # smaller than the smoke recipe: 64 images, batches of 8, small heads, a log row per iteration
     "data.limit=64", "data.batch_size=8", "heads.out_dim=64", "heads.ibot_out_dim=64", "heads.hidden_dim=32",
@@ -200,7 +200,7 @@ def test_distillation_resumes_bit_exact(pretrained: Path, tmp_path: Path) -> Non
 
 
 def test_bad_teachers_and_students_are_clear_errors(pretrained: Path, tmp_path: Path) -> None:
-    from dinolike.train.distill import DistillMethod
+    from dinolike.training.distill import DistillMethod
 
     def method(*overrides: str) -> DistillMethod:
         return DistillMethod(load_config(SMOKE, [*TINY, *overrides]))

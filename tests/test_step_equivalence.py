@@ -20,10 +20,10 @@ from dinolike.config import load_config
 from dinolike.dist import DistEnv
 from dinolike.loss import sinkhorn_knopp
 from dinolike.loss.centering import _sinkhorn_by_scaling
-from dinolike.train.data import build_train_loader
-from dinolike.train.optim import build_optimizer
-from dinolike.train.ssl import SSLMethod, compile_step_modules
-from dinolike.train.step import train_step
+from dinolike.training.data import build_train_loader
+from dinolike.training.optim import build_optimizer
+from dinolike.training.ssl import SSLMethod, compile_step_modules
+from dinolike.training.step import train_step
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
 OVERRIDES = [
@@ -134,7 +134,7 @@ def ref_step(method: SSLMethod, opt: torch.optim.Optimizer, batch: dict, s: dict
 
 
 def fast_step(method: SSLMethod, opt: torch.optim.Optimizer, batch: dict, s: dict) -> dict:
-    """The step the loop runs (and dinolike bench times): dinolike.train.step.train_step itself."""
+    """The step the loop runs (and dinolike bench times): dinolike.training.step.train_step itself."""
     metrics = train_step(method, opt, batch, s, torch.device("cpu"), method.grad_clip_groups())
     return {k: v.detach() for k, v in metrics.items()}
 

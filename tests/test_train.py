@@ -15,8 +15,8 @@ from testkit import REPO, SMOKE, rows
 
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
-from dinolike.train import checkpoint as ck
-from dinolike.train.loop import NonFiniteLossError, train
+from dinolike.training import checkpoint as ck
+from dinolike.training.loop import NonFiniteLossError, train
 
 
 def run_cli(out: Path, *overrides: str) -> subprocess.Popen:
@@ -74,7 +74,7 @@ def test_sigkill_then_resume_is_bit_exact_and_loss_goes_down(tmp_path: Path) -> 
 
 
 def test_nan_loss_stops_with_iteration_and_term_and_keeps_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    import dinolike.train.ssl as ssl
+    import dinolike.training.ssl as ssl
 
     calls = {"n": 0}
     real = ssl.koleo_loss

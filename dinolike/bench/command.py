@@ -1,6 +1,6 @@
 """`dinolike bench --config FILE [key=value ...]`: time the real training step.
 
-It runs the loop's own `train_step` (dinolike/train/step.py), so what is timed is what trains, three ways:
+It runs the loop's own `train_step` (dinolike/training/step.py), so what is timed is what trains, three ways:
 - phase by phase, the device synced around each phase: a step-time breakdown (data, teacher forward,
   student forward + losses, backward, optimizer with the gradient clip, EMA), alternating iteration by
   iteration with the "pure" reference (student backbone forward/backward plus teacher backbone forward
@@ -43,20 +43,20 @@ from dinolike.bench.device import (
 )
 from dinolike.bench.flops import step_flops
 from dinolike.config import ConfigError, load_config
-from dinolike.train.validate import check_train_config
+from dinolike.training.validate import check_train_config
 
 
 def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False, sdpa: str = "auto") -> dict:
     """Time `train_step` (the loop's own step) phase by phase, and the pure-backbone reference beside it;
     then its img/s without per-phase syncs, and with real data the loader alone and the two together."""
     from dinolike import dist
-    from dinolike.train.data import build_batch_mover, build_train_loader
-    from dinolike.train.loop import build_method
-    from dinolike.train.method import untimed
-    from dinolike.train.optim import build_optimizer
-    from dinolike.train.schedules import build_schedules
-    from dinolike.train.ssl import compile_step_modules
-    from dinolike.train.step import train_step
+    from dinolike.training.data import build_batch_mover, build_train_loader
+    from dinolike.training.loop import build_method
+    from dinolike.training.method import untimed
+    from dinolike.training.optim import build_optimizer
+    from dinolike.training.schedules import build_schedules
+    from dinolike.training.ssl import compile_step_modules
+    from dinolike.training.step import train_step
 
     if iters < 1:
         raise ValueError(f"--iters must be >= 1, got {iters}")
@@ -124,7 +124,7 @@ def _phase_breakdown(method, step, batches: Iterator[dict], iters: int, warmup: 
                      cfg: DictConfig) -> dict:
     """Phase times of the step (synced around each phase), alternating with the pure-backbone reference,
     and the FLOPs / MFU of the step. Returns the result fields and the last batch (`last_batch`)."""
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.ssl import SSLMethod
 
     acc: dict[str, float] = defaultdict(float)
     n_img = 0
@@ -184,7 +184,7 @@ def _phase_breakdown(method, step, batches: Iterator[dict], iters: int, warmup: 
 def _attention_kernel(method: torch.nn.Module, cfg: DictConfig, dev: torch.device) -> str:
     """The SDPA kernel family one attention layer of the model dispatches to at the global crop size."""
     from dinolike.layers import Attention
-    from dinolike.train.step import autocast
+    from dinolike.training.step import autocast
 
     attn = next(m for m in method.modules() if isinstance(m, Attention))
     n_tokens = 1 + (cfg.crops.global_size // cfg.model.patch_size) ** 2
@@ -195,7 +195,7 @@ def _attention_kernel(method: torch.nn.Module, cfg: DictConfig, dev: torch.devic
 def _pure_backbones(method, batch: dict, dev: torch.device, cfg: DictConfig) -> float:
     """Seconds of backbones only (no heads, losses, targets, optimizer, EMA): the floor the full step is
     judged by. Leaves no gradient behind (the next step starts with zero_grad anyway)."""
-    from dinolike.train.step import autocast
+    from dinolike.training.step import autocast
 
     s_bb, t_bb = method.student["backbone"], method.teacher["backbone"]
     crops = [batch["global_crops"]] + ([batch["local_crops"]] if batch["local_crops"] is not None else [])

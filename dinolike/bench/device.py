@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import Tensor, nn
 
-from dinolike.train.estimate import PEAK_SIZES, peak_matmul_flops, sync  # noqa: F401 - the bench's names too
+from dinolike.training.estimate import PEAK_SIZES, peak_matmul_flops, sync  # noqa: F401 - the bench's names too
 
 # aten op name (substring) -> kernel family, most specific first (the CPU flash op also names "flash")
 _SDPA_OPS = (

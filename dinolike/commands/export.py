@@ -76,7 +76,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", 
     from dinolike.interop.official import read_backbone_with_cfg
     from dinolike.interop.run_info import find_run_config, model_card, preprocessing
     from dinolike.models import build_backbone, load_state_strict
-    from dinolike.train.export import export_backbone
+    from dinolike.training.export import export_backbone
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")

@@ -49,7 +49,7 @@ from dinolike.pipeline.lineage import (
 from dinolike.pipeline.report import MIN_CURVE_POINTS, REPORT_DIR, write_report
 
 log = logging.getLogger("dinolike.pipeline")
-EXIT_REQUEUE = 3  # a train stage stopped on a signal after saving a checkpoint (dinolike.train.preempt)
+EXIT_REQUEUE = 3  # a train stage stopped on a signal after saving a checkpoint (dinolike.training.preempt)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from dinolike.config import OPERATIONAL, ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
 from dinolike.pipeline.lineage import STATE_DIR, now, read_state, recorded_digest, state_path, write_json
-from dinolike.train.validate import check_train_config
+from dinolike.training.validate import check_train_config
 
 log = logging.getLogger("dinolike.pipeline")
 BASELINES = ("pixels", "random")

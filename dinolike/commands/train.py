@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from dinolike.config import CONFIG_DIR, ConfigError, load_config
 from dinolike.dist import launcher
 from dinolike.local_procs import CHILD_ENV, run_local
-from dinolike.train.rundir import check_output_dir
+from dinolike.training.rundir import check_output_dir
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def missing_config_message() -> str:
 def validate(argv: list[str]) -> DictConfig:
     """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
     runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
-    from dinolike.train.validate import check_train_config
+    from dinolike.training.validate import check_train_config
 
     command, args = parse(argv)
     if not args.config:
@@ -71,9 +71,9 @@ def main(argv: list[str]) -> int:
         print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
-    from dinolike.train.checkpoint import NonFiniteStateError, RunWriteError
-    from dinolike.train.collapse import CollapseError
-    from dinolike.train.loop import NonFiniteLossError
+    from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError
+    from dinolike.training.collapse import CollapseError
+    from dinolike.training.loop import NonFiniteLossError
 
     try:
         return run(argv, cfg)
@@ -103,7 +103,7 @@ def run(argv: list[str], cfg: DictConfig) -> int:
     """Run `dinolike train|distill ARGV` whose checked config is `cfg` (from `validate(argv)`): in this
     process, or as `dist.local_processes` processes it starts and supervises; then the final kNN. Returns
     the exit status; the training errors (a non-finite loss, a collapse, a bad dataset ...) are raised."""
-    from dinolike.train.loop import train
+    from dinolike.training.loop import train
 
     local_child = os.environ.get(CHILD_ENV) == "1"
     n_local = cfg.dist.local_processes
@@ -145,7 +145,7 @@ def final_knn(cfg: DictConfig) -> int:
     """The full kNN evaluation of the exported teacher, printed as a table at the end of the run (and into
     its log.txt, by rank 0)."""
     from dinolike.commands.packages import import_command
-    from dinolike.train.tracking import RunLog
+    from dinolike.training.tracking import RunLog
 
     knn_main = import_command("eval.knn").main
     out = Path(cfg.run.output_dir)

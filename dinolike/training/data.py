@@ -14,8 +14,8 @@ from dinolike.data.collate import build_ssl_loader
 from dinolike.data.datasets import build_dataset, check_readable
 from dinolike.data.masking import MaskSampler
 from dinolike.data.positions import SSLDataset
-from dinolike.train.method import Method
-from dinolike.train.skips import SkipGuard
+from dinolike.training.method import Method
+from dinolike.training.skips import SkipGuard
 
 
 def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:

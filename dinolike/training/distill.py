@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dinolike.models import CheckpointMismatchError, load_state_strict
-from dinolike.train.checkpoint import load_checkpoint, resolve_checkpoint
-from dinolike.train.method import Method, Phase, untimed
-from dinolike.train.optim import param_groups
-from dinolike.train.ssl import SSLTargets, build_student, ssl_loss_terms, teacher_targets
+from dinolike.training.checkpoint import load_checkpoint, resolve_checkpoint
+from dinolike.training.method import Method, Phase, untimed
+from dinolike.training.optim import param_groups
+from dinolike.training.ssl import SSLTargets, build_student, ssl_loss_terms, teacher_targets
 
 
 def _teacher_config(path: str | Path) -> tuple[DictConfig, dict, Path]:

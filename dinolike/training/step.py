@@ -15,8 +15,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dinolike.train.method import Method, Phase, untimed
-from dinolike.train.optim import apply_schedule
+from dinolike.training.method import Method, Phase, untimed
+from dinolike.training.optim import apply_schedule
 
 
 def autocast(device: torch.device, cfg: DictConfig) -> AbstractContextManager:

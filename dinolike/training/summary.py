@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dinolike.train.estimate import human_duration
+from dinolike.training.estimate import human_duration
 
 # the CPU is fine for a run it finishes in this long; past it, say so before the first step
 CPU_WARN_SECONDS = 2 * 3600

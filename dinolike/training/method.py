@@ -144,6 +144,6 @@ class Method(nn.Module):
         e = cfg.eval
         if not e.knn_every or it % e.knn_every or not e.knn_train or not e.knn_val:
             return {}
-        from dinolike.train.periodic_eval import periodic_knn
+        from dinolike.training.periodic_eval import periodic_knn
 
         return periodic_knn(self.plain_backbone(self.kept_backbone(), cfg.model, env.device), cfg, env)

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from dinolike.evaluation.spread import mean_pairwise_cosine
 from dinolike.loss import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from dinolike.models import DINOHead, VisionTransformer, build_backbone
-from dinolike.train.method import Method, Phase, untimed
-from dinolike.train.optim import param_groups
+from dinolike.training.method import Method, Phase, untimed
+from dinolike.training.optim import param_groups
 
 
 def build_student(cfg: DictConfig, model_cfg: DictConfig | None = None) -> nn.ModuleDict:

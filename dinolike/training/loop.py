@@ -21,20 +21,20 @@ from torch import nn
 from dinolike import dist, fsdp
 from dinolike.config import to_container
 from dinolike.models.load import CheckpointMismatchError
-from dinolike.train import checkpoint as ck
-from dinolike.train.collapse import CollapseWatch
-from dinolike.train.data import build_batch_mover, build_skip_guard, build_train_loader
-from dinolike.train.estimate import estimate_seconds_per_iteration, human_duration
-from dinolike.train.export import export_backbone
-from dinolike.train.method import Method
-from dinolike.train.optim import build_optimizer
-from dinolike.train.preempt import EXIT_REQUEUE, StopFlag
-from dinolike.train.rundir import check_output_dir, check_resume_config, write_config_atomically
-from dinolike.train.schedules import build_schedules
-from dinolike.train.skips import SkipGuard
-from dinolike.train.step import train_step
-from dinolike.train.summary import cpu_warning, row_line, start_lines
-from dinolike.train.tracking import RunLog, Tracker, print_outputs
+from dinolike.training import checkpoint as ck
+from dinolike.training.collapse import CollapseWatch
+from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader
+from dinolike.training.estimate import estimate_seconds_per_iteration, human_duration
+from dinolike.training.export import export_backbone
+from dinolike.training.method import Method
+from dinolike.training.optim import build_optimizer
+from dinolike.training.preempt import EXIT_REQUEUE, StopFlag
+from dinolike.training.rundir import check_output_dir, check_resume_config, write_config_atomically
+from dinolike.training.schedules import build_schedules
+from dinolike.training.skips import SkipGuard
+from dinolike.training.step import train_step
+from dinolike.training.summary import cpu_warning, row_line, start_lines
+from dinolike.training.tracking import RunLog, Tracker, print_outputs
 
 log = logging.getLogger("dinolike.train")
 
@@ -45,10 +45,10 @@ class NonFiniteLossError(RuntimeError):
 
 def build_method(cfg: DictConfig) -> Method:
     if cfg.distill.teacher:
-        from dinolike.train.distill import DistillMethod
+        from dinolike.training.distill import DistillMethod
 
         return DistillMethod(cfg)
-    from dinolike.train.ssl import SSLMethod
+    from dinolike.training.ssl import SSLMethod
 
     return SSLMethod(cfg)
 
@@ -148,7 +148,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     method.to(env.device)
     method.prepare_distributed(env)
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
-        from dinolike.train.ssl import compile_step_modules
+        from dinolike.training.ssl import compile_step_modules
 
         compile_step_modules(method, block_mode=cfg.run.compile_mode)
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
