@@ -278,7 +278,9 @@ def _say_start(cfg: DictConfig, env: dist.DistEnv, method: Method, runlog: RunLo
                images: int, start: int, total: int) -> None:
     """The start summary, and a warning up front when the CPU would take hours (rank 0)."""
     backbone = method.kept_backbone()
-    per_it = estimate_seconds_per_iteration(cfg, backbone, env.device)
+    teacher = getattr(method, "teacher", None)  # distillation: a frozen, often much larger, teacher
+    per_it = estimate_seconds_per_iteration(cfg, backbone, env.device,
+                                            teacher["backbone"] if isinstance(teacher, nn.ModuleDict) else None)
     heads = getattr(method, "student", None)
     head_parts = [m for name, m in heads.items() if name != "backbone"] if isinstance(heads, nn.ModuleDict) else []
     for line in start_lines(cfg, out=str(out.resolve()), how=how, images=images, world=env.world_size,
