@@ -62,7 +62,8 @@ FAULTS: dict[str, tuple[str, str]] = {
                             "(0.1) trains and exports"),
     "no-config": ("`dinolike train` without `--config`",
                   "one-line error naming the shipped recipes, exit 2; nothing started or created"),
-    "ctrl-c": ("Ctrl-C (a real SIGINT to the process group) mid-run, 1 and 2 processes; Ctrl-C twice",
+    "ctrl-c": ("Ctrl-C (a real SIGINT to the process group) mid-run: 1 process, 2 processes, 1 process with 2 "
+               "data-loader workers; Ctrl-C twice",
                "checkpoint and teacher export of that iteration, exit 3, no traceback; twice: abort at once with "
                "one line, exit 130, the last checkpoint intact"),
     "disk-full-tmpfs": ("a real full filesystem (a tmpfs mounted with room for the logs only) while writing a "

@@ -163,12 +163,14 @@ def test_train_without_a_config_names_the_recipes_instead_of_starting_vit_large(
 # ------------------------------------------------------------------------------------------ 3. Ctrl-C
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_ctrl_c_stops_with_a_checkpoint_and_the_teacher_export(tmp_path, processes):
+@pytest.mark.parametrize(("processes", "workers"), [(1, 0), (2, 0), (1, 2)])
+def test_ctrl_c_stops_with_a_checkpoint_and_the_teacher_export(tmp_path, processes, workers):
     """A real SIGINT to a real `dinolike train`, as a terminal's Ctrl-C sends it (to the whole foreground
-    process group: with 2 processes the children sit in their own session and hear it from the parent)."""
+    process group: with 2 processes the children sit in their own session and hear it from the parent;
+    data-loader workers hear it too, and must neither die nor speak)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dinolike.cli", *smoke(out, f"dist.local_processes={processes}", epochs=100)]
+    cmd = [sys.executable, "-m", "dinolike.cli", *smoke(out, f"dist.local_processes={processes}",
+                                                         f"data.num_workers={workers}", epochs=100)]
     p = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -179,6 +181,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_teacher_export(tmp_path, process
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.count("Ctrl-C: stopping after this iteration") == 1, err
     line = next(ln for ln in err.splitlines() if ln.startswith("stopped at iteration"))
     it = int(line.split()[3])
     reason = "SIGINT" if processes == 1 else "SIGTERM"  # the parent turns Ctrl-C into SIGTERM for its children
@@ -188,7 +191,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_teacher_export(tmp_path, process
     exported = torch.load(out / "teacher_backbone.pth", weights_only=True)
     assert all(torch.equal(v, teacher["backbone." + k]) for k, v in exported.items())
     assert line in (out / "log.txt").read_text()
-    record("ctrl-c", f"{processes} process(es): {line}, exit 3")
+    record("ctrl-c", f"{processes} process(es), {workers} loader workers: {line}, exit 3")
 
 
 def test_a_second_ctrl_c_aborts_at_once_with_one_line(tmp_path, monkeypatch, capsys):

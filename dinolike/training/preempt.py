@@ -21,8 +21,10 @@ class StopFlag:
         self.requested: str | None = None
         self._deadline = time.monotonic() + 60 * time_limit_min if time_limit_min else None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def install(self) -> StopFlag:
+        self._pid = os.getpid()  # data-loader workers forked later inherit the handler: they must ignore it
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -36,6 +38,8 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a loader worker (Ctrl-C reaches the whole process group): the main
+            return                    # process stops the run and then its workers
         if signum == signal.SIGINT and self.requested is not None:
             raise KeyboardInterrupt  # the second stop request by Ctrl-C: abort now
         self.requested = signal.Signals(signum).name
