@@ -127,6 +127,9 @@ def test_a_run_that_ends_with_constant_embeddings_fails_and_its_backbone_is_not_
     err = one_line_error(capsys.readouterr().err)
     assert "training ended at iteration 8 with constant embeddings" in err and "model.layerscale=0.1" in err
     assert not (out / "teacher_backbone.pth").exists() and ckpt_names(out) == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
+    assert cli.main(_folder_run(tmp_path, out, "model.layerscale=1e-5")) == 1  # run again: still no export
+    assert "training ended at iteration 8 with constant embeddings" in one_line_error(capsys.readouterr().err)
+    assert not (out / "teacher_backbone.pth").exists()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["cls_cosine"] >= CONSTANT_COSINE for r in rows)
     log = (out / "log.txt").read_text()

@@ -159,10 +159,13 @@ class CollapseWatch:
             )
         return warning
 
-    def final_verdict(self, it: int, checkpoint: str) -> None:
+    def final_verdict(self, it: int, checkpoint: str, backbone_cosine: float | None = None) -> None:
         """At the end of a run: raise when its last logged row still showed constant embeddings, so the
-        run fails instead of exporting a backbone that gives every image the same embedding."""
-        if self.enabled and self.constant_at == it:
+        run fails instead of exporting a backbone that gives every image the same embedding.
+        `backbone_cosine`: the kept backbone's cosine over probe images, for a run with no row to judge
+        (a finished run started again, which would otherwise export it)."""
+        constant = self.constant_at == it or (backbone_cosine is not None and backbone_cosine >= self.max_cls_cosine)
+        if self.enabled and constant:
             raise CollapseError(
                 f"training ended at iteration {it} with constant embeddings: every image still gets the same "
                 f"CLS embedding, so the backbone is useless and was not exported ({checkpoint} is kept for "

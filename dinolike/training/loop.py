@@ -20,6 +20,7 @@ from torch import nn
 
 from dinolike import dist, fsdp
 from dinolike.config import to_container
+from dinolike.evaluation.spread import backbone_cls_cosine
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.training import checkpoint as ck
 from dinolike.training.collapse import CollapseWatch
@@ -183,6 +184,9 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     if start >= sched.total:
         if env.is_main:
             print(f"nothing to do: {out} already reached iteration {start} of {sched.total}", file=sys.stderr)
+        if resume_from:  # exported again: not when the run ended with constant embeddings
+            cosine = backbone_cls_cosine(method.kept_backbone(), cfg.model.in_chans, cfg.crops.global_size)
+            CollapseWatch.from_config(cfg).final_verdict(start, str(resume_from[0]), cosine)
         _export(method, cfg, out, env)
         return 0
 
