@@ -142,6 +142,9 @@ def train(cfg: DictConfig) -> int:
         OmegaConf.save(cfg, out / "config.yaml")
     method.to(env.device)
     method.prepare_distributed(env)
+    if env.device.type == "cpu" and cfg.dist.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("dist.cpu_bf16: this CPU has no bf16 instructions; its bf16 matmuls are emulated and "
+                    "far slower than fp32")
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
         from dinolike.train.ssl import compile_step_modules
 

@@ -38,6 +38,8 @@ def check_train_config(cfg: DictConfig) -> None:
     check_values(cfg, CHOICES, MINIMUM, FRACTIONS)
     if cfg.optim.epochs <= 0:
         raise ConfigError(f"optim.epochs must be > 0, got {cfg.optim.epochs}")
+    if cfg.dist.cpu_bf16 and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads mixed_precision
+        raise ConfigError("dist.cpu_bf16 applies to CPU runs only; on CUDA set dist.mixed_precision: bf16")
     specs = {"data.train": cfg.data.train}
     if cfg.eval.knn_every and cfg.eval.knn_train is not None:  # without a bank: no periodic kNN
         specs.update({"eval.knn_train": cfg.eval.knn_train, "eval.knn_val": cfg.eval.knn_val})
