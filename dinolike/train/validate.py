@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "model.ffn_layer": (None, "mlp", "swiglu"),
     "loss.centering": ("sinkhorn_knopp", "softmax"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.lr_schedule": ("cosine", "constant"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),  # none: one process, no gradient sync
     "dist.mixed_precision": ("bf16", "fp32"),
     "dist.activation_checkpointing_scope": ("block", "attn", "mlp"),
@@ -28,7 +29,8 @@ CHOICES: dict[str, tuple[object, ...]] = {
 MINIMUM: dict[str, float] = {
     **dict.fromkeys(("run.log_every", "run.checkpoint_every", "data.batch_size", "data.skip_window", "data.limit",
                      "optim.epoch_length", "dist.local_processes"), 1),
-    **dict.fromkeys(("run.keep_last", "data.num_workers", "optim.warmup_epochs", "optim.clip_grad"), 0),
+    **dict.fromkeys(("run.keep_last", "data.num_workers", "optim.warmup_epochs", "optim.clip_grad",
+                     "optim.lr_cooldown_epochs"), 0),
 }
 FRACTIONS = ("data.max_skipped_fraction", "masking.probability")
 
