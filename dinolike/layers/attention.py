@@ -43,5 +43,18 @@ class Attention(nn.Module):
             out = _xformers_attention(q, k, v).reshape(B, N, C)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd] each
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+            out = _sdpa(q, k, v).transpose(1, 2).reshape(B, N, C)
         return self.proj(out)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """`F.scaled_dot_product_attention`, in fp32 under CPU bf16 autocast.
+
+    torch's bf16 flash-attention kernel for CPU is slow in backward at this project's sizes (pico, 17 and
+    5 tokens, head dim 32: 7.3 ms a call against 1.7 ms in fp32, torch 2.14.1; BENCHMARKS.md section 6c),
+    and its forward is no faster; the matmuls around it keep bf16's 2x.
+    """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    return F.scaled_dot_product_attention(q, k, v)

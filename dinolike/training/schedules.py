@@ -21,6 +21,17 @@ def cosine_schedule(
     return np.concatenate([np.zeros(freeze), np.linspace(warmup_start, start, warmup, endpoint=False), cos])
 
 
+def constant_schedule(value: float, end: float, total: int, warmup: int = 0, cooldown: int = 0) -> np.ndarray:
+    """Linear warmup from 0 to `value`, `value` held, then a linear cooldown to `end` over the last
+    `cooldown` iterations (0: held to the end). The alternative to the cosine for short runs, where the
+    cosine spends its second half at a fraction of the peak."""
+    warmup = min(warmup, total)
+    cooldown = min(cooldown, total - warmup)
+    held = total - warmup - cooldown
+    return np.concatenate([np.linspace(0.0, value, warmup, endpoint=False), np.full(held, value),
+                           np.linspace(value, end, cooldown)])
+
+
 def warmup_then_constant(start: float, end: float, total: int, warmup: int) -> np.ndarray:
     warmup = min(warmup, total)
     return np.concatenate([np.linspace(start, end, warmup, endpoint=False), np.full(total - warmup, end)])
@@ -61,7 +72,11 @@ def build_schedules(cfg: DictConfig, global_batch: int) -> Schedules:
     if total <= 0:
         raise ValueError("optim.epochs * optim.epoch_length must be positive")
     peak = scaled_lr(o.base_lr, global_batch, o.lr_scaling)
-    lr = cosine_schedule(peak, o.min_lr, total, warmup=int(o.warmup_epochs * ep))
+    warmup = int(o.warmup_epochs * ep)
+    if o.lr_schedule == "constant":
+        lr = constant_schedule(peak, o.min_lr, total, warmup, cooldown=int(o.lr_cooldown_epochs * ep))
+    else:
+        lr = cosine_schedule(peak, o.min_lr, total, warmup=warmup)
     last = lr.copy()
     last[: int(o.freeze_last_layer_epochs * ep)] = 0.0  # the prototypes stay put while the rest settles
     return Schedules(

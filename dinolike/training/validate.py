@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "model.ffn_layer": (None, "mlp", "swiglu"),
     "loss.centering": ("sinkhorn_knopp", "softmax"),
     "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.lr_schedule": ("cosine", "constant"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),  # none: one process, no gradient sync
     "dist.mixed_precision": ("bf16", "fp32"),
     "dist.activation_checkpointing_scope": ("block", "attn", "mlp"),
@@ -28,7 +29,8 @@ CHOICES: dict[str, tuple[object, ...]] = {
 MINIMUM: dict[str, float] = {
     **dict.fromkeys(("run.log_every", "run.checkpoint_every", "data.batch_size", "data.skip_window", "data.limit",
                      "optim.epoch_length", "dist.local_processes"), 1),
-    **dict.fromkeys(("run.keep_last", "data.num_workers", "optim.warmup_epochs", "optim.clip_grad"), 0),
+    **dict.fromkeys(("run.keep_last", "data.num_workers", "optim.warmup_epochs", "optim.clip_grad",
+                     "optim.lr_cooldown_epochs"), 0),
 }
 FRACTIONS = ("data.max_skipped_fraction", "masking.probability")
 # (low, high, low_included, high_included): a negative lr, a momentum above 1 or a weight decay of 5 used
@@ -97,6 +99,8 @@ def check_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad value."""
     check_values(cfg, CHOICES, MINIMUM, FRACTIONS)
     check_ranges(cfg)
+    if cfg.dist.cpu_bf16 and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads mixed_precision
+        raise ConfigError("dist.cpu_bf16 applies to CPU runs only; on CUDA set dist.mixed_precision: bf16")
     if cfg.optim.epochs <= 0:
         raise ConfigError(f"optim.epochs must be > 0, got {cfg.optim.epochs}")
     specs = {"data.train": cfg.data.train}
