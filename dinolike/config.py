@@ -90,9 +90,13 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Dict
     return [*chain, (cfg, str(path))]
 
 
+# keys whose value may be a flag or a word: `dist.cpu_bf16: true | false | auto`
+BOOL_OR_WORD = ("dist.cpu_bf16",)
+
+
 def check_type(key: str, default: object, value: object, source: str) -> None:
     """Values must keep the schema's type (a number stays a number); null defaults accept anything."""
-    if default is None or value is None:
+    if default is None or value is None or (key in BOOL_OR_WORD and isinstance(value, (bool, str))):
         return
     ok = {
         bool: (bool,),

@@ -105,3 +105,30 @@ def test_cpu_bf16_is_refused_on_cuda() -> None:
         check_train_config(cfg)
     check_train_config(load_config(CONFIG, ["dist.cpu_bf16=true"]))  # on the CPU recipe it is fine
 
+
+
+def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
+    """`auto` turns bf16 on exactly where the CPU has bf16 instructions, and the start summary says
+    which precision the run uses (it used to print fp32 whatever the setting)."""
+    from dinolike.training import step
+    from dinolike.training.summary import start_lines
+
+    cfg = load_config(CONFIG, ["dist.cpu_bf16=auto"])
+    check_train_config(cfg)
+    check_train_config(load_config(CONFIG, ["dist.cpu_bf16=auto", "run.device=cuda"]))  # ignored on a GPU
+    with pytest.raises(ConfigError, match="dist.cpu_bf16"):
+        check_train_config(load_config(CONFIG, ["dist.cpu_bf16=maybe"]))
+    backbone = torch.nn.Linear(2, 2)
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        assert step.cpu_bf16(cfg) is native
+        with autocast(CPU, cfg):
+            y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))  # [2, 3]
+        assert y.dtype == (torch.bfloat16 if native else torch.float32)
+        lines = start_lines(cfg, out="o", how="new run", images=10, world=1, device=CPU, backbone=backbone,
+                            heads=None, start=0, total=5, seconds_per_it=0.1)
+        device_line = next(line for line in lines if line.strip().startswith("device"))
+        assert ("bf16 autocast" in device_line) is native and ("fp32" in device_line) is not native
+    for fixed in (True, False):  # true / false do not look at the CPU
+        assert step.cpu_bf16(load_config(CONFIG, [f"dist.cpu_bf16={str(fixed).lower()}"])) is fixed

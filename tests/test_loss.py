@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -331,9 +332,29 @@ def _dist_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         center = SoftmaxCenter(10, momentum=0.7)
         center.update(rows)
         center.update(rows * 0.5 + 1.0)
+        calls = {"all_reduce": 0, "all_gather": 0}
+
+        def counted(name):
+            real = getattr(dist, name)
+
+            def wrapper(*args, **kwargs):
+                calls[name] += 1
+                return real(*args, **kwargs)
+            return wrapper
+
+        with mock.patch.object(dist, "all_reduce", counted("all_reduce")), \
+                mock.patch.object(dist, "all_gather", counted("all_gather")):
+            sk = sinkhorn_knopp(rows, temp=0.05, n_iters=3)  # gathered: the whole batch fits
+            gathered_calls = dict(calls)
+            sk_log = sinkhorn_knopp(rows, temp=0.05, n_iters=3, gather_max_bytes=0)  # log domain across ranks
+            sk_big = sinkhorn_knopp(rows, temp=0.05, n_iters=3, gather_max_bytes=100)  # counts, then log domain
         out = {
-            "sk": sinkhorn_knopp(rows, temp=0.05, n_iters=3),
+            "sk": sk,
+            "sk_log": sk_log,
+            "sk_big": sk_big,
+            "calls": gathered_calls,
             "sk_empty": sinkhorn_knopp(patches, temp=0.05, n_iters=3, n_rows_total=9),
+            "sk_empty_log": sinkhorn_knopp(patches, temp=0.05, n_iters=3, n_rows_total=9, gather_max_bytes=0),
             "center": center.center.clone(),
         }
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
@@ -347,11 +368,14 @@ def test_distributed_matches_single_process(tmp_path: Path) -> None:
     r1 = torch.load(tmp_path / "rank1.pt")
 
     logits, patch_logits = _dist_batch()
-    torch.testing.assert_close(
-        torch.cat([r0["sk"], r1["sk"]]), sinkhorn_knopp(logits, 0.05, 3), atol=1e-5, rtol=0
-    )
-    torch.testing.assert_close(r0["sk_empty"], sinkhorn_knopp(patch_logits, 0.05, 3), atol=1e-5, rtol=0)
-    assert r1["sk_empty"].shape == (0, 10)
+    single = sinkhorn_knopp(logits, 0.05, 3)
+    for key in ("sk", "sk_log", "sk_big"):  # gathered, log domain across ranks, too big to gather
+        torch.testing.assert_close(torch.cat([r0[key], r1[key]]), single, atol=1e-5, rtol=0)
+    # the gathered path: one all_gather of the row counts, one of the rows, no all_reduce
+    assert r0["calls"] == r1["calls"] == {"all_reduce": 0, "all_gather": 2}
+    for key in ("sk_empty", "sk_empty_log"):
+        torch.testing.assert_close(r0[key], sinkhorn_knopp(patch_logits, 0.05, 3), atol=1e-5, rtol=0)
+        assert r1[key].shape == (0, 10)
     center = SoftmaxCenter(10, momentum=0.7)
     center.update(logits)
     center.update(logits * 0.5 + 1.0)

@@ -2,7 +2,8 @@
 
 Both turn teacher prototype logits into target distributions that are not collapsed onto a few
 prototypes. Both are computed over the *global* batch (all ranks), so that the result does not depend on
-how a batch is split across processes; the only collectives used are `all_reduce` on the default group.
+how a batch is split across processes; the collectives used are `all_reduce` and (Sinkhorn-Knopp on CPU)
+`all_gather` on the default group.
 """
 
 from __future__ import annotations
@@ -102,15 +103,16 @@ class SoftmaxCenter(nn.Module):
             self.center.copy_(torch.where(count > 0, new_center, self.center))
 
 
-def _row_logsumexp_all_ranks(log_q: Tensor) -> Tensor:
+def _row_logsumexp_all_ranks(log_q: Tensor, across_ranks: bool = True) -> Tensor:
     """log(sum over samples of exp(log_q)) for each prototype, summed over all ranks: [N, K] -> [K].
 
     Two-pass reduction (max, then sum of shifted exps) so it is exact and stable whatever the spread of
     values across ranks; a rank with N == 0 still takes part in both collectives (no deadlock).
+    `across_ranks=False`: this rank's rows only (they already hold the whole batch).
     """
     tiny = torch.finfo(log_q.dtype).min
     local = torch.logsumexp(log_q, dim=0)  # [K]  (-inf where this rank has no mass / no rows)
-    if not _is_distributed():
+    if not (across_ranks and _is_distributed()):
         return local.clamp_min(tiny)
     shift = local.clone()  # [K]
     dist.all_reduce(shift, op=dist.ReduceOp.MAX)
@@ -120,6 +122,41 @@ def _row_logsumexp_all_ranks(log_q: Tensor) -> Tensor:
     return (shift + torch.log(total)).clamp_min(tiny)  # [K]
 
 
+# Below this size (all ranks' logits together) the CPU path gathers the whole batch and every rank runs
+# Sinkhorn-Knopp on it alone: 2 collectives instead of 7 (each one a point where the ranks wait for each
+# other: 8 % of a step of the 2-process CPU main job, BENCHMARKS.md section 6c). Above it (ViT-g's
+# 65536 prototypes x thousands of crops) the log-domain iterations reduce [K] vectors instead.
+GATHER_MAX_BYTES = 32 << 20
+
+
+def _gather_rows(log_q: Tensor, max_bytes: int) -> tuple[list[int], Tensor | None]:
+    """Every rank's row count, and all ranks' rows in rank order ([N_total, K]) when they fit in
+    `max_bytes`, else None (the same answer on every rank: it depends on the gathered counts only)."""
+    world = dist.get_world_size()
+    counts_t = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(counts_t, torch.tensor([log_q.shape[0]], dtype=torch.int64))
+    counts = [int(c) for c in counts_t]
+    if sum(counts) * log_q.shape[1] * log_q.element_size() > max_bytes:
+        return counts, None
+    padded = log_q.new_zeros(max(counts), log_q.shape[1])  # [N_max, K]: all_gather needs equal shapes
+    padded[: log_q.shape[0]] = log_q
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return counts, torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])  # [N_total, K]
+
+
+def _sinkhorn_log_domain(log_q: Tensor, n_iters: int, n_total: Tensor, across_ranks: bool) -> Tensor:
+    """The reference iterations in the log domain (see `sinkhorn_knopp`); [N, K] -> [N, K]."""
+    log_k = math.log(log_q.shape[1])
+    log_n = torch.log(n_total.clamp_min(1.0))  # []
+    tiny = torch.finfo(log_q.dtype).min
+    for _ in range(n_iters):
+        log_q = log_q - (_row_logsumexp_all_ranks(log_q, across_ranks) + log_k)  # prototypes: 1/K each
+        col_lse = torch.logsumexp(log_q, dim=1, keepdim=True).clamp_min(tiny)  # [N, 1]
+        log_q = log_q - (col_lse + log_n)  # samples: mass 1/N_total each
+    return torch.exp(log_q + log_n)  # [N, K], rows sum to 1
+
+
 @torch.no_grad()
 def sinkhorn_knopp(
     teacher_logits: Tensor,
@@ -127,6 +164,7 @@ def sinkhorn_knopp(
     n_iters: int = 3,
     n_rows_total: int | Tensor | None = None,
     fast: bool | None = None,
+    gather_max_bytes: int = GATHER_MAX_BYTES,
 ) -> Tensor:
     """Sinkhorn-Knopp teacher targets (SwAV, used by DINOv2 for both DINO and iBOT heads).
 
@@ -152,18 +190,23 @@ def sinkhorn_knopp(
     normalisation is local. The result is exactly the reference algorithm's (up to rounding), and equal
     to running it single-process on the concatenated batch.
 
-    Fast path (`_sinkhorn_by_scaling`, default on CPU in one process): the same iterations as two
-    scaling vectors on one matrix of exponentials, 1.5-5x cheaper on CPU; it checks its own precision and
-    hands over to the log domain when the logits are too spread out for float32 exponentials.
+    Distributed on CPU, when all ranks' logits together take at most `gather_max_bytes`: they are
+    gathered (row counts, then rows), every rank runs the iterations on the whole batch by itself and
+    keeps its own rows: the same result with 2 collectives instead of 1 + 2 * n_iters.
+
+    Fast path (`_sinkhorn_by_scaling`, default on CPU): the same iterations as two scaling vectors on
+    one matrix of exponentials, 1.5-5x cheaper on CPU; it checks its own precision and hands over to the
+    log domain when the logits are too spread out for float32 exponentials.
 
     Args:
         teacher_logits: [N, K] local teacher logits (N may be 0 on some ranks; all ranks must call).
         temp: teacher temperature (> 0).
         n_iters: Sinkhorn iterations (>= 1; DINOv2 uses 3).
         n_rows_total: global number of rows N_total, used as given (not reduced again). Default: N
-            summed over ranks with an all_reduce. iBOT passes the global count of masked patches.
-        fast: try the scaling-vector path first. Default (None): on CPU without distribution, where
-            its precision check (a host read) costs nothing; the log domain on CUDA (no host sync).
+            summed over ranks. iBOT may pass the global count of masked patches.
+        fast: try the scaling-vector path first. Default (None): on CPU, where its precision check (a
+            host read) costs nothing; the log domain on CUDA (no host sync).
+        gather_max_bytes: the gathered path's size limit (CPU, distributed); 0 turns it off.
     Returns:
         [N, K] float32 (float64 if the input is float64) targets whose rows sum to 1. Computed in fp32
         even under autocast, without gradient.
@@ -173,27 +216,43 @@ def sinkhorn_knopp(
         raise ValueError(f"sinkhorn_knopp: n_iters must be >= 1, got {n_iters}")
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
         log_q = _fp32_at_least(teacher_logits) / temp  # [N, K]
-        n_local, n_protos = log_q.shape
-        if n_rows_total is None:
-            n_total = torch.tensor(float(n_local), device=log_q.device, dtype=log_q.dtype)  # []
-            if _is_distributed():
-                dist.all_reduce(n_total)
+        n_local = log_q.shape[0]
+        on_cpu = log_q.device.type == "cpu"
+        fast = on_cpu if fast is None else fast
+        distributed = _is_distributed()
+        counts = None
+        if distributed and on_cpu and gather_max_bytes > 0:
+            counts, whole = _gather_rows(log_q, gather_max_bytes)
+            if whole is not None:  # the whole batch here: no collective below
+                start = sum(counts[: dist.get_rank()])
+                total = n_rows_total if n_rows_total is not None else whole.shape[0]
+                q = _sinkhorn_one_process(whole, n_iters, _as_count(total, whole), fast)  # [N_total, K]
+                return q[start : start + n_local]
+        if n_rows_total is not None:
+            n_total = _as_count(n_rows_total, log_q)
+        elif counts is not None:
+            n_total = _as_count(sum(counts), log_q)
         else:
-            n_total = torch.as_tensor(n_rows_total, device=log_q.device, dtype=log_q.dtype)  # []
-        if fast is None:
-            fast = log_q.device.type == "cpu" and not _is_distributed()
-        if fast and n_local > 0 and not _is_distributed():
-            q = _sinkhorn_by_scaling(log_q, n_iters, n_total)
-            if q is not None:
-                return q
-        log_k = math.log(n_protos)
-        log_n = torch.log(n_total.clamp_min(1.0))  # []
-        tiny = torch.finfo(log_q.dtype).min
-        for _ in range(n_iters):
-            log_q = log_q - (_row_logsumexp_all_ranks(log_q) + log_k)  # prototypes: mass 1/K each
-            col_lse = torch.logsumexp(log_q, dim=1, keepdim=True).clamp_min(tiny)  # [N, 1]
-            log_q = log_q - (col_lse + log_n)  # samples: mass 1/N_total each
-        return torch.exp(log_q + log_n)  # [N, K], rows sum to 1
+            n_total = _as_count(n_local, log_q)
+            if distributed:
+                dist.all_reduce(n_total)
+        if not distributed:
+            return _sinkhorn_one_process(log_q, n_iters, n_total, fast)
+        return _sinkhorn_log_domain(log_q, n_iters, n_total, across_ranks=True)
+
+
+def _as_count(n: int | Tensor, like: Tensor) -> Tensor:
+    return torch.as_tensor(n, device=like.device, dtype=like.dtype)  # []
+
+
+def _sinkhorn_one_process(log_q: Tensor, n_iters: int, n_total: Tensor, fast: bool) -> Tensor:
+    """Sinkhorn-Knopp on rows that are the whole batch: the scaling-vector path when asked for and
+    precise enough, else the log domain."""
+    if fast and log_q.shape[0] > 0:
+        q = _sinkhorn_by_scaling(log_q, n_iters, n_total)
+        if q is not None:
+            return q
+    return _sinkhorn_log_domain(log_q, n_iters, n_total, across_ranks=False)
 
 
 def _sinkhorn_by_scaling(log_q: Tensor, n_iters: int, n_total: Tensor) -> Tensor | None:

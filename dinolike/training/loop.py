@@ -33,7 +33,7 @@ from dinolike.training.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.training.rundir import check_output_dir, check_resume_config, write_config_atomically
 from dinolike.training.schedules import build_schedules
 from dinolike.training.skips import SkipGuard
-from dinolike.training.step import train_step
+from dinolike.training.step import native_cpu_bf16, train_step
 from dinolike.training.summary import cpu_warning, row_line, start_lines
 from dinolike.training.tracking import RunLog, Tracker, print_outputs
 
@@ -148,7 +148,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     cfg = method.cfg  # the method may complete the config (distillation: the teacher's heads)
     method.to(env.device)
     method.prepare_distributed(env)
-    if env.device.type == "cpu" and cfg.dist.cpu_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if env.device.type == "cpu" and cfg.dist.cpu_bf16 is True and not native_cpu_bf16():
         log.warning("dist.cpu_bf16: this CPU has no bf16 instructions; its bf16 matmuls are emulated and "
                     "far slower than fp32")
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged

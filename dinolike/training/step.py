@@ -19,17 +19,30 @@ from dinolike.training.method import Method, Phase, untimed
 from dinolike.training.optim import apply_schedule
 
 
+def native_cpu_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (avx512_bf16 or AMX): there a bf16 matmul runs at ~2x
+    fp32, elsewhere it is emulated at ~1/100 (torch's mkldnn check only asks for AVX-512, not for bf16)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def cpu_bf16(cfg: DictConfig) -> bool:
+    """`dist.cpu_bf16`: true, false, or auto (on exactly where `native_cpu_bf16()`)."""
+    value = cfg.dist.cpu_bf16
+    return native_cpu_bf16() if value == "auto" else bool(value)
+
+
 def autocast(device: torch.device, cfg: DictConfig) -> AbstractContextManager:
     """bf16 autocast on CUDA when `dist.mixed_precision` asks for it, on CPU when `dist.cpu_bf16` does;
     fp32 otherwise.
 
-    CPU bf16 is opt-in: on a CPU with bf16 instructions (avx512_bf16) the matmuls run at ~2x, on one
-    without them ~100x slower. Attention runs in fp32 under it (`layers.attention._sdpa`), the losses
-    and Sinkhorn-Knopp already do.
+    CPU bf16: on a CPU with bf16 instructions (avx512_bf16) the matmuls run at ~2x, on one without them
+    ~100x slower; `auto` decides by the CPU. Attention runs in fp32 under it
+    (`layers.attention._sdpa`), the losses and Sinkhorn-Knopp already do.
     """
     if device.type == "cuda" and cfg.dist.mixed_precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.dist.cpu_bf16:
+    if device.type == "cpu" and cpu_bf16(cfg):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

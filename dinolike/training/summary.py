@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinolike.training.estimate import human_duration
+from dinolike.training.step import cpu_bf16
 
 # the CPU is fine for a run it finishes in this long; past it, say so before the first step
 CPU_WARN_SECONDS = 2 * 3600
@@ -31,7 +32,8 @@ def start_lines(cfg: DictConfig, *, out: str, how: str, images: int, world: int,
         name = torch.cuda.get_device_name(device)
         dev = f"cuda ({name}), {'bf16' if cfg.dist.mixed_precision == 'bf16' else 'fp32'}"
     else:
-        dev = f"cpu, {torch.get_num_threads()} thread(s) per process, fp32"
+        precision = "bf16 autocast (dist.cpu_bf16)" if cpu_bf16(cfg) else "fp32"
+        dev = f"cpu, {torch.get_num_threads()} thread(s) per process, {precision}"
     head_text = f" (+{millions(heads)} in the heads)" if heads is not None else ""
     left = total - start
     return [

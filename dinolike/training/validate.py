@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "optim.lr_schedule": ("cosine", "constant"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),  # none: one process, no gradient sync
     "dist.mixed_precision": ("bf16", "fp32"),
+    "dist.cpu_bf16": (False, True, "auto"),
     "dist.activation_checkpointing_scope": ("block", "attn", "mlp"),
     "data.channels": (1, 3),
 }
@@ -99,7 +100,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad value."""
     check_values(cfg, CHOICES, MINIMUM, FRACTIONS)
     check_ranges(cfg)
-    if cfg.dist.cpu_bf16 and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads mixed_precision
+    if cfg.dist.cpu_bf16 is True and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads mixed_precision
         raise ConfigError("dist.cpu_bf16 applies to CPU runs only; on CUDA set dist.mixed_precision: bf16")
     if cfg.optim.epochs <= 0:
         raise ConfigError(f"optim.epochs must be > 0, got {cfg.optim.epochs}")
