@@ -27,7 +27,8 @@ from dinolike.training.validate import check_train_config
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
 CPU = torch.device("cpu")
 # the main job's model, heads and crops; a smaller batch and dataset so the test takes seconds
-OVERRIDES = ["dist.local_processes=1", "data.batch_size=16", "data.limit=256", "run.progress=false"]
+OVERRIDES = ["dist.local_processes=1", "data.batch_size=16", "data.limit=256", "run.progress=false",
+             "dist.cpu_bf16=false"]  # fp32, the reference: the recipe says auto
 
 
 def _steps(cfg, method: SSLMethod, batches: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:

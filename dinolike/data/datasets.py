@@ -108,6 +108,10 @@ class FashionMNIST:
     ``channels=3`` returns RGB images (gray replicated) for models that expect 3 channels.
     """
 
+    # every image is in memory once the files are read: a batch is never empty, so distributed training
+    # need not agree on empty batches every step (one collective less: BENCHMARKS.md section 6c)
+    always_readable = True
+
     def __init__(
         self,
         root: str | os.PathLike = FMNIST_ROOT,

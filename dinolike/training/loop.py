@@ -210,11 +210,12 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
     last_ckpt = ck.list_checkpoints(ckpt_dir)[-1:] or None
+    may_be_empty = not getattr(loader.dataset.base, "always_readable", False)  # files: any may be unreadable
     try:
         for batch in loader:
             if it >= sched.total:
                 break
-            if (batch["batch_size"] == 0 if not env.enabled else _any_rank_empty(batch)):
+            if (batch["batch_size"] == 0 if not (env.enabled and may_be_empty) else _any_rank_empty(batch)):
                 # every image of a batch was unreadable: the step is skipped (on every rank), and the
                 # readable images of the other ranks are counted as skipped too
                 skips.add(batch, unused=batch["batch_size"])
