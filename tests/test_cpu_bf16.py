@@ -123,6 +123,7 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
     for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+        step.native_cpu_bf16.cache_clear()  # asked once per process: ask again for the patched CPU
         assert step.cpu_bf16(cfg) is native
         with autocast(CPU, cfg):
             y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))  # [2, 3]
@@ -131,5 +132,6 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
                             heads=None, start=0, total=5, seconds_per_it=0.1)
         device_line = next(line for line in lines if line.strip().startswith("device"))
         assert ("bf16 autocast" in device_line) is native and ("fp32" in device_line) is not native
+    step.native_cpu_bf16.cache_clear()  # the real CPU again for the tests after this one
     for fixed in (True, False):  # true / false do not look at the CPU
         assert step.cpu_bf16(load_config(CONFIG, [f"dist.cpu_bf16={str(fixed).lower()}"])) is fixed

@@ -8,6 +8,7 @@ as one group while the loop clipped per student), so there is none: the bench pa
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -19,9 +20,11 @@ from dinolike.training.method import Method, Phase, untimed
 from dinolike.training.optim import apply_schedule
 
 
+@functools.cache
 def native_cpu_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (avx512_bf16 or AMX): there a bf16 matmul runs at ~2x
-    fp32, elsewhere it is emulated at ~1/100 (torch's mkldnn check only asks for AVX-512, not for bf16)."""
+    fp32, elsewhere it is emulated at ~1/100 (torch's mkldnn check only asks for AVX-512, not for bf16).
+    Asked once per process: `autocast` reads it every step."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 
