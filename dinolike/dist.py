@@ -140,18 +140,28 @@ def is_enabled() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors over ranks in one flat buffer (the DDP mode's gradient sync)."""
-    if not is_enabled() or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+def all_reduce_mean_(tensors: list[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Average tensors over ranks in one flat buffer (the DDP mode's gradient sync), in place.
+
+    extra: a vector summed over ranks in the same buffer (no collective of its own) and returned; None
+    without it. In one process: the tensors unchanged, `extra` returned as it is."""
+    if not is_enabled():
+        return extra
+    if not tensors:
+        return all_reduce_sum(extra) if extra is not None else None
+    dtype = tensors[0].dtype
+    parts = [t.reshape(-1) for t in tensors] + ([extra.reshape(-1).to(dtype)] if extra is not None else [])
+    flat = torch.cat(parts)  # [sum of numels (+ len(extra))]
     dist.all_reduce(flat)
+    n_extra = 0 if extra is None else extra.numel()
+    summed = flat[flat.numel() - n_extra:].to(extra.dtype, copy=True) if extra is not None else None  # before /=
     flat /= dist.get_world_size()
     offset = 0
     for t in tensors:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+    return summed
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """`dinolike train` with one injected fault: the fault-injection suite's stand-in for a machine that dies.
 
-    python tests/fault_driver.py [--kill PHASE@ITERATION] -- TRAIN ARGS
+    python tests/fault_driver.py [--kill PHASE@ITERATION] [--nan RANK@ITERATION] -- TRAIN ARGS
 
 The process SIGKILLs itself (what `kill -9` or the OOM killer does: no handler, no cleanup) at PHASE of
 step ITERATION (0-based: the step that completes iteration ITERATION + 1):
@@ -12,6 +12,9 @@ step ITERATION (0-based: the step that completes iteration ITERATION + 1):
 (for the three write phases ITERATION is the checkpoint's iteration number, ckpt_ITERATION.pt).
 The hooks sit on the method interface and on torch.save / os.replace, so they follow the loop wherever
 its code moves.
+--nan RANK@ITERATION: on process RANK only (the RANK variable torchrun sets; 0 without it), the KoLeo term
+is NaN from step ITERATION (0-based) on, as when one replica's batch holds a bad image: the other ranks must
+see it and stop at the same step instead of waiting for it in a collective.
 """
 
 from __future__ import annotations
@@ -74,9 +77,26 @@ def install(phase: str, at: int, batch_size: int) -> None:
     torch.save, os.replace = save, replace
 
 
+def install_nan(rank: int, at: int) -> None:
+    import dinolike.training.ssl as ssl
+
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    real = ssl.koleo_loss
+    calls = {"n": 0}
+
+    def koleo_loss(x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1  # one call per global crop: 2 a step
+        out = real(x)
+        return out * float("nan") if calls["n"] > 2 * at else out
+
+    ssl.koleo_loss = koleo_loss
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--kill", default=None, help="PHASE@ITERATION")
+    p.add_argument("--nan", default=None, help="RANK@ITERATION")
     own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = p.parse_args(own)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -87,6 +107,9 @@ def main(argv: list[str]) -> int:
         assert phase in PHASES, phase
         cfg = cli.validate(["train", *train_args])
         install(phase, int(at), cfg.data.batch_size)
+    if args.nan:
+        rank, at = args.nan.split("@")
+        install_nan(int(rank), int(at))
     return cli.main(["train", *train_args])
 
 

@@ -30,6 +30,9 @@ FAULTS: dict[str, tuple[str, str]] = {
     "nan-weights": ("NaN written into a student weight mid-run",
                     "stops naming the iteration and the loss term, exit 1; last good checkpoint intact and newest, "
                     "nothing exported"),
+    "nan-one-rank": ("a NaN loss on one of 2 processes only (the KoLeo term of rank 1)",
+                     "both processes stop at the same iteration naming it and the term, exit 1; no hang; last "
+                     "checkpoint finite"),
     "nan-checkpoint": ("a state holding NaN handed to the checkpoint writer",
                        "refused, naming the tensor; the previous checkpoint stays the newest"),
     "images-mixed": ("image folder with corrupt, truncated, zero-byte, wrong-extension, CMYK, 16-bit and 1x1 "

@@ -210,6 +210,26 @@ def test_nan_in_student_weights_stops_naming_iteration_and_term(tmp_path, monkey
     record("nan-weights", err)
 
 
+def test_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    """The finite check rides in the gradient all-reduce: rank 0 never sees a NaN itself, yet must stop at the
+    same step as rank 1 (a rank that went on would wait forever in the next collective)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(DRIVER),
+           "--nan", "1@4", "--", *args(out, f"data.batch_size={BATCH // 2}", "dist.local_processes=1")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "dinolike train: error:" in line]
+    assert len(errors) == 2, r.stderr[-3000:]  # both ranks, each one line
+    assert all("koleo_loss is nan at iteration 4 (summed over ranks)" in line for line in errors), errors
+    assert ckpt_names(out) == ["ckpt_0000003.pt"]
+    assert not ck.non_finite_tensors(ck.load_checkpoint(out / "checkpoints" / "ckpt_0000003.pt")["model"])
+    assert not (out / "teacher_backbone.pth").exists()
+    record("nan-one-rank", errors[0])
+
+
 def test_a_state_holding_nan_is_never_checkpointed(tmp_path):
     good = {"model": {"student": {"w": torch.ones(3)}}, "optimizer": {}, "iteration": 5, "config": "{}"}
     ck.save_checkpoint(tmp_path, 5, good, keep_last=2)

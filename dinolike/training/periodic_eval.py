@@ -18,14 +18,15 @@ def _dataset(spec: str, channels: int, limit: int | None):
     return build_dataset(spec, channels=channels, limit=limit)
 
 
-def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dict[str, float]:
-    """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token; runs on every rank (sharded)."""
+def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv, size: int | None = None) -> dict[str, float]:
+    """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token at `size` px (default
+    `crops.global_size`; another size is reported as `eval_px`); runs on every rank (sharded)."""
     from dinolike.data.normalize import build_eval_transform
     from dinolike.evaluation.features import extract_features
     from dinolike.evaluation.knn import knn_eval
 
     e, d = cfg.eval, cfg.data
-    size = cfg.crops.global_size
+    size = size or cfg.crops.global_size
     transform = build_eval_transform(size, size, tuple(d.mean), tuple(d.std))
     sets = []
     for spec in (e.knn_train, e.knn_val):
@@ -39,4 +40,5 @@ def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dic
         )
     train, val = sets
     res = knn_eval(train.knn_features(), train.labels, val.knn_features(), val.labels, ks=(20,))
-    return {"knn_top1": res["k20_top1"]}
+    out = {"knn_top1": res["k20_top1"]}
+    return out if size == cfg.crops.global_size else {**out, "eval_px": size}

@@ -1,8 +1,9 @@
 """The one training step: what the loop runs every iteration and `dinolike bench` times.
 
-schedule -> forward (loss, metrics) -> [finite check] -> backward (+ gradient sync) -> clip -> optimizer
-step -> after_step (EMA). A second copy of this sequence drifts (the bench's once clipped every gradient
-as one group while the loop clipped per student), so there is none: the bench passes timers as `phase`.
+schedule -> forward (loss, metrics) -> backward (+ gradient sync, the metrics summed with it) -> [finite
+check] -> clip -> optimizer step -> after_step (EMA). A second copy of this sequence drifts (the bench's
+once clipped every gradient as one group while the loop clipped per student), so there is none: the bench
+passes timers as `phase`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def train_step(
     sched: this iteration's schedule values (lr, last_layer_lr, wd, momentum, teacher_temp).
     clip_groups: `method.grad_clip_groups()`, computed once by the caller; each group's gradient norm is
     clipped to `optim.clip_grad` on its own (distillation: one group per student).
-    check: called with the metrics before backward (the loop's NaN / inf check), or None.
+    check: the loop's NaN / inf check, or None; called after backward and before the optimizer step with
+    the metrics summed over ranks (a NaN on one rank reaches all, so all stop together).
     phase: name -> context around each phase ("teacher_forward", "student_forward_and_losses",
     "backward", "optimizer", "ema"); the bench times them, training leaves them untimed.
     """
@@ -73,12 +75,15 @@ def train_step(
     apply_schedule(opt, sched["lr"], sched["last_layer_lr"], sched["wd"])
     with autocast(device, cfg):
         loss, metrics = method.forward_loss(batch, sched, phase)
-    if check is not None:
-        check(metrics)
+    names = sorted(metrics)
     with phase("backward"):
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        method.sync_gradients()  # DDP all-reduce / FSDP reshard, before the clip sees the gradients
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in names]) if check else None  # [M]
+        # DDP all-reduce / FSDP reshard, before the clip sees the gradients; the metrics ride along, summed
+        summed = method.sync_gradients(values)
+    if check is not None:  # before the optimizer: a NaN step changes no weight, on any rank
+        check(dict(zip(names, summed, strict=True)))
     with phase("optimizer"):
         if cfg.optim.clip_grad > 0:
             for group in clip_groups:
