@@ -15,15 +15,13 @@ from dinolike.data.datasets import build_dataset, check_readable
 from dinolike.data.masking import MaskSampler
 from dinolike.data.positions import SSLDataset
 from dinolike.training.method import Method
-from dinolike.training.schedules import low_res_iterations
 from dinolike.training.skips import SkipGuard
 
 
-def build_augmentation(cfg: DictConfig, global_size: int | None = None) -> MultiCropAugmentation:
-    """global_size: the global crops' size when not `crops.global_size` (the low-res part of a run)."""
+def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
     c, d = cfg.crops, cfg.data
     return MultiCropAugmentation(
-        global_crops_size=global_size or c.global_size,
+        global_crops_size=c.global_size,
         local_crops_size=c.local_size,
         global_crops_scale=tuple(c.global_scale),
         local_crops_scale=tuple(c.local_scale),
@@ -55,21 +53,17 @@ def build_batch_mover(cfg: DictConfig, device: torch.device) -> Callable[[dict],
     return move
 
 
-def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int, global_size: int | None = None,
-                       base=None) -> DataLoader:
+def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) -> DataLoader:
     """Batches of global positions start_position, start_position + 1, ...: the position is the state.
 
     Files on disk are probed first: a dataset without one readable image fails here, before training,
-    instead of "training" on empty batches and exporting an untrained model.
-    global_size: the global crops' size if not `crops.global_size`; base: the data set, when already built."""
-    if base is None:
-        base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit)
-        if getattr(base, "paths", None) is not None:
-            check_readable(base.paths, cfg.data.train, cfg.data.channels, seed=cfg.run.seed)
-    size = global_size or cfg.crops.global_size
-    grid = size // cfg.model.patch_size
+    instead of "training" on empty batches and exporting an untrained model."""
+    base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit)
+    if getattr(base, "paths", None) is not None:
+        check_readable(base.paths, cfg.data.train, cfg.data.channels, seed=cfg.run.seed)
+    grid = cfg.crops.global_size // cfg.model.patch_size
     masks = MaskSampler((grid, grid), cfg.masking.probability, tuple(cfg.masking.ratio))
-    ds = SSLDataset(base, build_augmentation(cfg, size), seed=cfg.run.seed, mask_fn=masks)
+    ds = SSLDataset(base, build_augmentation(cfg), seed=cfg.run.seed, mask_fn=masks)
     return build_ssl_loader(
         ds,
         batch_size=cfg.data.batch_size,
@@ -81,38 +75,7 @@ def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int, 
     )
 
 
-class TrainBatches:
-    """The run's batches from iteration `start` on, one per iteration: global crops of
-    `crops.low_res_global_size` for the first `low_res_iterations(cfg)` iterations, then of
-    `crops.global_size` for the last `crops.full_size_epochs` (a second loader from the same global
-    position, over the same data set).
-
-    Why: a 21 px global crop is 9 patches, a 28 px one 16; the cheaper step buys more images in the same
-    time, and the full-size part at the end adapts the model to the size it is evaluated at (as the
-    paper's high-res phase does; without it, a model trained at 21 px loses 2.4 kNN points at 28 px)."""
-
-    def __init__(self, cfg: DictConfig, env: dist.DistEnv, start: int, global_batch: int) -> None:
-        self.cfg, self.env, self.start, self.global_batch = cfg, env, start, global_batch
-        self.switch = low_res_iterations(cfg)
-        low = start < self.switch
-        self.loader = build_train_loader(cfg, env, start * global_batch,
-                                         cfg.crops.low_res_global_size if low else None)
-        self.dataset = self.loader.dataset  # SSLDataset: .base is the data set (the skip guard reads it)
-
-    def __iter__(self):
-        it = self.start
-        if it < self.switch:
-            for batch in self.loader:
-                yield batch
-                it += 1
-                if it >= self.switch:
-                    break
-            self.loader = build_train_loader(self.cfg, self.env, self.switch * self.global_batch,
-                                             base=self.dataset.base)
-        yield from self.loader
-
-
-def build_skip_guard(cfg: DictConfig, loader: DataLoader | TrainBatches) -> SkipGuard:
+def build_skip_guard(cfg: DictConfig, loader: DataLoader) -> SkipGuard:
     """The unreadable-image limit of this run; the window is never longer than one pass over the data,
     so a small dataset is judged on (about) each of its files once."""
     base = loader.dataset.base

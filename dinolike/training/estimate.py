@@ -65,30 +65,22 @@ def backbone_forward_flops(backbone: nn.Module, size: int) -> float:
     return 2.0 * (tokens * dense + patches * embed) + backbone.n_blocks * 4.0 * tokens**2 * backbone.embed_dim
 
 
-def step_flops_per_image(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None = None,
-                         global_size: int | None = None) -> float:
+def step_flops_per_image(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None = None) -> float:
     """Training FLOPs per image of one SSL (or distillation) step: the student's forward and backward
     (3x forward) on 2 global and `crops.local_number` local crops, the teacher's forward on the 2 globals
-    (`teacher`: the frozen teacher of a distillation; None: the student's own architecture, the EMA).
-    global_size: the global crops' size, if not `crops.global_size` (the low-res part of a run)."""
+    (`teacher`: the frozen teacher of a distillation; None: the student's own architecture, the EMA)."""
     c = cfg.crops
-    size = global_size or c.global_size
-    forward = 2 * backbone_forward_flops(student, size) + c.local_number * backbone_forward_flops(
+    forward = 2 * backbone_forward_flops(student, c.global_size) + c.local_number * backbone_forward_flops(
         student, c.local_size)
-    return 3.0 * forward + 2 * backbone_forward_flops(teacher if teacher is not None else student, size)
+    return 3.0 * forward + 2 * backbone_forward_flops(teacher if teacher is not None else student, c.global_size)
 
 
 def estimate_seconds_per_iteration(cfg: DictConfig, student: nn.Module, device: torch.device,
-                                   teacher: nn.Module | None = None, low_res_share: float = 0.0) -> float:
-    """Seconds one iteration of this rank's batch should take here (bf16 peak on CUDA, fp32 on CPU), on
-    average over iterations of which `low_res_share` have global crops of `crops.low_res_global_size`."""
+                                   teacher: nn.Module | None = None) -> float:
+    """Seconds one iteration of this rank's batch should take here (bf16 peak on CUDA, fp32 on CPU)."""
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.dist.mixed_precision == "bf16" else torch.float32
     peak, _ = peak_matmul_flops(device, dtype, min_seconds=0.05)
-    flops = step_flops_per_image(cfg, student, teacher)
-    if low_res_share > 0:
-        low = step_flops_per_image(cfg, student, teacher, cfg.crops.low_res_global_size)
-        flops = low_res_share * low + (1.0 - low_res_share) * flops
-    return flops * cfg.data.batch_size / (peak * STEP_EFFICIENCY)
+    return step_flops_per_image(cfg, student, teacher) * cfg.data.batch_size / (peak * STEP_EFFICIENCY)
 
 
 def human_duration(seconds: float) -> str:

@@ -24,14 +24,14 @@ from dinolike.evaluation.spread import backbone_cls_cosine
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.training import checkpoint as ck
 from dinolike.training.collapse import CollapseWatch
-from dinolike.training.data import TrainBatches, build_batch_mover, build_skip_guard
+from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader
 from dinolike.training.estimate import estimate_seconds_per_iteration, human_duration
 from dinolike.training.export import export_backbone
 from dinolike.training.method import Method
 from dinolike.training.optim import build_optimizer
 from dinolike.training.preempt import EXIT_REQUEUE, StopFlag
 from dinolike.training.rundir import check_output_dir, check_resume_config, write_config_atomically
-from dinolike.training.schedules import build_schedules, low_res_iterations
+from dinolike.training.schedules import build_schedules
 from dinolike.training.skips import SkipGuard
 from dinolike.training.step import native_cpu_bf16, train_step
 from dinolike.training.summary import cpu_warning, row_line, start_lines
@@ -192,7 +192,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
         _export(method, cfg, out, env)
         return 0
 
-    loader = TrainBatches(cfg, env, start, global_batch)  # crops.low_res_global_size first, if set
+    loader = build_train_loader(cfg, env, start_position=start * global_batch)
     to_device = build_batch_mover(cfg, env.device)
     skips = build_skip_guard(cfg, loader)
     skips.load_state_dict(skip_state)
@@ -286,10 +286,8 @@ def _say_start(cfg: DictConfig, env: dist.DistEnv, method: Method, runlog: RunLo
     """The start summary, and a warning up front when the CPU would take hours (rank 0)."""
     backbone = method.kept_backbone()
     teacher = getattr(method, "teacher", None)  # distillation: a frozen, often much larger, teacher
-    low = max(0, min(low_res_iterations(cfg), total) - start)  # iterations left with low-res global crops
     per_it = estimate_seconds_per_iteration(cfg, backbone, env.device,
-                                            teacher["backbone"] if isinstance(teacher, nn.ModuleDict) else None,
-                                            low_res_share=low / max(total - start, 1))
+                                            teacher["backbone"] if isinstance(teacher, nn.ModuleDict) else None)
     heads = getattr(method, "student", None)
     head_parts = [m for name, m in heads.items() if name != "backbone"] if isinstance(heads, nn.ModuleDict) else []
     for line in start_lines(cfg, out=str(out.resolve()), how=how, images=images, world=env.world_size,

@@ -153,9 +153,5 @@ class Method(nn.Module):
         if not e.knn_every or it % e.knn_every or not e.knn_train or not e.knn_val:
             return {}
         from dinolike.training.periodic_eval import periodic_knn
-        from dinolike.training.schedules import low_res_iterations
 
-        # at the size the run trains at now: a model of the low-res part measured at the final size would
-        # read ~2.4 points low and jump at the switch (the final kNN is at crops.global_size)
-        size = cfg.crops.low_res_global_size if it <= low_res_iterations(cfg) else cfg.crops.global_size
-        return periodic_knn(self.plain_backbone(self.kept_backbone(), cfg.model, env.device), cfg, env, size)
+        return periodic_knn(self.plain_backbone(self.kept_backbone(), cfg.model, env.device), cfg, env)

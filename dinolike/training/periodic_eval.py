@@ -18,15 +18,14 @@ def _dataset(spec: str, channels: int, limit: int | None):
     return build_dataset(spec, channels=channels, limit=limit)
 
 
-def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv, size: int | None = None) -> dict[str, float]:
-    """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token at `size` px (default
-    `crops.global_size`; another size is reported as `eval_px`); runs on every rank (sharded)."""
+def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dict[str, float]:
+    """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token; runs on every rank (sharded)."""
     from dinolike.data.normalize import build_eval_transform
     from dinolike.evaluation.features import extract_features
     from dinolike.evaluation.knn import knn_eval
 
     e, d = cfg.eval, cfg.data
-    size = size or cfg.crops.global_size
+    size = cfg.crops.global_size
     transform = build_eval_transform(size, size, tuple(d.mean), tuple(d.std))
     sets = []
     for spec in (e.knn_train, e.knn_val):
@@ -40,5 +39,4 @@ def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv, size: 
         )
     train, val = sets
     res = knn_eval(train.knn_features(), train.labels, val.knn_features(), val.labels, ks=(20,))
-    out = {"knn_top1": res["k20_top1"]}
-    return out if size == cfg.crops.global_size else {**out, "eval_px": size}
+    return {"knn_top1": res["k20_top1"]}

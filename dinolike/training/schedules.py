@@ -86,13 +86,3 @@ def build_schedules(cfg: DictConfig, global_batch: int) -> Schedules:
         momentum=cosine_schedule(t.momentum, t.final_momentum, total),
         teacher_temp=warmup_then_constant(t.warmup_temp, t.temp, total, int(t.warmup_temp_epochs * ep)),
     )
-
-
-def low_res_iterations(cfg: DictConfig) -> int:
-    """How many iterations open the run with global crops of `crops.low_res_global_size`: all but the last
-    `crops.full_size_epochs` (0 when it is null, or when the run is no longer than those epochs)."""
-    c, o = cfg.crops, cfg.optim
-    if not c.get("low_res_global_size"):
-        return 0
-    total = int(round(o.epochs * o.epoch_length))  # as the schedules count a run
-    return max(0, total - int(round(c.full_size_epochs * o.epoch_length)))

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinolike.training.estimate import human_duration
-from dinolike.training.schedules import low_res_iterations
 from dinolike.training.step import cpu_bf16
 
 # the CPU is fine for a run it finishes in this long; past it, say so before the first step
@@ -37,16 +36,11 @@ def start_lines(cfg: DictConfig, *, out: str, how: str, images: int, world: int,
         dev = f"cpu, {torch.get_num_threads()} thread(s) per process, {precision}"
     head_text = f" (+{millions(heads)} in the heads)" if heads is not None else ""
     left = total - start
-    c = cfg.crops
-    globals_text = f"{c.global_size} px global"
-    if low_res_iterations(cfg) > start:
-        globals_text = (f"{c.low_res_global_size} px global to iteration {low_res_iterations(cfg)}, then "
-                        f"{c.global_size} px")
     return [
         f"run {out}: {how}",
         f"  data      {cfg.data.train}: {images} images, global batch {per * world} ({layout}), iterations "
         f"{start} -> {total} ({o.epochs:g} epochs of {o.epoch_length})",
-        f"  model     {m.arch}, patch {m.patch_size}, {globals_text} / {cfg.crops.local_size} px "
+        f"  model     {m.arch}, patch {m.patch_size}, {cfg.crops.global_size} px global / {cfg.crops.local_size} px "
         f"local crops x {cfg.crops.local_number}, {m.in_chans} channel(s): {millions(backbone)} backbone "
         f"parameters{head_text}",
         f"  device    {dev}",
@@ -77,7 +71,7 @@ def row_line(row: dict, total: int, seconds_left: float | None) -> str:
     if seconds_left is not None:
         parts.append(f"{human_duration(seconds_left)} left")
     if "knn_top1" in row:
-        parts.append(f"kNN {row['knn_top1']:.1f} %" + (f" at {row['eval_px']} px" if "eval_px" in row else ""))
+        parts.append(f"kNN {row['knn_top1']:.1f} %")
     if row.get("skipped_draws"):
         parts.append(f"{row['skipped_draws']} unreadable draws")
     return " | ".join(parts)

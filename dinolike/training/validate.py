@@ -104,7 +104,6 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("dist.cpu_bf16 applies to CPU runs only; on CUDA set dist.mixed_precision: bf16")
     if cfg.optim.epochs <= 0:
         raise ConfigError(f"optim.epochs must be > 0, got {cfg.optim.epochs}")
-    check_low_res(cfg)
     specs = {"data.train": cfg.data.train}
     if cfg.eval.knn_every and cfg.eval.knn_train is not None:  # without a bank: no periodic kNN
         specs.update({"eval.knn_train": cfg.eval.knn_train, "eval.knn_val": cfg.eval.knn_val})
@@ -115,14 +114,3 @@ def check_train_config(cfg: DictConfig) -> None:
             parse_spec(spec)
         except ValueError as e:
             raise ConfigError(f"{key}: {e}") from None
-
-
-def check_low_res(cfg: DictConfig) -> None:
-    """`crops.low_res_global_size`: whole patches, below `crops.global_size`."""
-    c, patch = cfg.crops, cfg.model.patch_size
-    if c.full_size_epochs < 0:
-        raise ConfigError(f"crops.full_size_epochs must be >= 0, got {c.full_size_epochs}")
-    size = c.low_res_global_size
-    if size is not None and not (isinstance(size, int) and 0 < size < c.global_size and size % patch == 0):
-        raise ConfigError(f"crops.low_res_global_size must be a multiple of model.patch_size ({patch}) below "
-                          f"crops.global_size ({c.global_size}), or null; got {size}")
