@@ -22,10 +22,10 @@ from dinolike.training.export import export_backbone
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_run(tmp_path: Path) -> Path:
+def fake_run(tmp_path: Path, *overrides: str) -> Path:
     """A run folder as `dinolike train` leaves it (config.yaml, metrics.jsonl with a periodic kNN,
     teacher_backbone.pth + sidecar) for the 28 px grey-scale smoke recipe, without the minutes of training."""
-    cfg = load_config(REPO / "configs" / "fmnist_smoke.yaml", [f"run.output_dir={tmp_path / 'run'}"])
+    cfg = load_config(REPO / "configs" / "fmnist_smoke.yaml", [f"run.output_dir={tmp_path / 'run'}", *overrides])
     run = Path(cfg.run.output_dir)
     run.mkdir(parents=True)
     OmegaConf.save(cfg, run / "config.yaml")
@@ -76,6 +76,28 @@ def test_timm_export_reports_the_runs_preprocessing(tmp_path: Path) -> None:
     assert list(data["mean"]) == pytest.approx([0.286]) and list(data["std"]) == pytest.approx([0.353])
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 96)
+
+
+def test_exports_of_a_run_evaluated_below_its_learned_size_compute_what_the_model_computes(tmp_path: Path) -> None:
+    """The main job learns its position grid at 28 px (4 x 4) and trains and evaluates at 21 px (3 x 3): the
+    timm export used to refuse 21 px inputs (a ViT built for 28 px), and both libraries would resize the grid
+    their own way. The exports store the 21 px grid as the model computes it: the same CLS embedding."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from dinolike.interop import load_pretrained
+
+    run = fake_run(tmp_path, "crops.global_size=21")
+    ours, _ = load_pretrained(run / "teacher_backbone.pth")
+    x = torch.randn(3, 1, 21, 21, generator=torch.Generator().manual_seed(0))
+    export(run, "timm", tmp_path / "timm")
+    export(run, "hf", tmp_path / "hf")
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert timm.data.resolve_data_config({}, model=model)["input_size"] == (1, 21, 21)
+    hf_model = transformers.Dinov2Model.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = ours.eval()(x)  # [3, 96]
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(hf_model(pixel_values=x).pooler_output, want, rtol=0, atol=1e-5)
 
 
 def test_timm_name_is_the_real_architecture(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dinolike.interop.common import describe_backbone
+from dinolike.interop.common import at_eval_grid, describe_backbone
 from dinolike.models.load import CheckpointMismatchError
 
 FORMATS = ("official", "hf", "timm")
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interpolation_note(cfg: dict[str, Any], fmt: str) -> str | None:
+def _interpolation_note(cfg: dict[str, Any], fmt: str, crop: int) -> str | None:
     """Other libraries resize positions their own way; say when that differs from this model's way."""
     if fmt == "official":
         return None
@@ -58,7 +58,8 @@ def _interpolation_note(cfg: dict[str, Any], fmt: str) -> str | None:
         return (
             f"note: {fmt} resizes position embeddings to the exact grid (antialias={target_aa}); this model "
             f"uses offset={cfg['interpolate_offset']}, antialias={cfg['interpolate_antialias']}: "
-            "tokens agree at the training resolution and differ slightly at other resolutions"
+            f"tokens agree at {crop} px (the run's evaluation size, whose grid the export stores) and differ "
+            "slightly at other sizes"
         )
     return None
 
@@ -99,14 +100,14 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", 
     if fmt == "official":
         export_backbone(model, explicit, out / "backbone.pth")
     elif fmt == "hf":
-        hf.save_hf(out, state, explicit, prep)
+        hf.save_hf(out, *at_eval_grid(state, explicit, prep.crop), prep)
     else:
-        timm.save_timm(out, state, explicit, prep)
+        timm.save_timm(out, *at_eval_grid(state, explicit, prep.crop), prep)
     (out / "README.md").write_text(model_card(fmt, explicit, prep, run_cfg, run_dir, str(ckpt), collapsed))
     for f in out.iterdir():  # temp-file writers create 600 files; an export is meant to be shared
         if f.is_file() and not f.name.startswith("."):
             f.chmod(0o644)
-    note = _interpolation_note(explicit, fmt)
+    note = _interpolation_note(explicit, fmt, prep.crop)
     if note:
         print(note, file=sys.stderr)
     return out

@@ -20,7 +20,7 @@ from torch import Tensor
 from dinolike.layers.block import LayerScale
 from dinolike.layers.mlp import SwiGLUFFN, swiglu_hidden_dim
 from dinolike.models.load import CheckpointMismatchError
-from dinolike.models.vit import VisionTransformer
+from dinolike.models.vit import VisionTransformer, grid_pos_embed
 
 
 class InteropError(CheckpointMismatchError):
@@ -130,3 +130,20 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
         raise InteropError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def at_eval_grid(state: Mapping[str, Tensor], cfg: Mapping[str, Any],
+                 crop: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state and config with the position grid of `crop` px (the run's evaluation size), resized as the
+    model resizes it, when that differs from the grid it was learned on (hf and timm exports). timm builds
+    a ViT for one input size and refuses others (the main job learns a 4 x 4 grid at 28 px and runs at
+    21 px); both libraries resize other grids their own way, which would differ slightly from ours."""
+    patch, sd = int(cfg["patch_size"]), dict(state)
+    grid = square_grid(sd["pos_embed"].shape[1] - 1, "pos_embed")
+    if crop % patch or crop // patch == grid:
+        return sd, dict(cfg)
+    n = crop // patch
+    pos = grid_pos_embed(sd["pos_embed"], n, n, float(cfg.get("interpolate_offset", 0.1)),
+                           bool(cfg.get("interpolate_antialias", False)))
+    sd["pos_embed"] = pos.to(sd["pos_embed"].dtype)
+    return sd, {**cfg, "img_size": crop}

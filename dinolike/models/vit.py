@@ -28,6 +28,29 @@ PRESETS: dict[str, tuple[int, int, int, str]] = {
 }
 
 
+def grid_pos_embed(pos_embed: Tensor, h: int, w: int, offset: float = 0.1, antialias: bool = False) -> Tensor:
+    """[1, 1 + m*m, D] -> [1, 1 + h*w, D] (fp32): the square grid resized bicubically, CLS position kept.
+    `offset`: DINOv2's scale factor (h + offset) / m; 0: resize to the exact size. Shared with the exports,
+    which store the grid a run was evaluated at (timm cannot resize the way the model does)."""
+    pos = pos_embed.float()
+    n = pos.shape[1] - 1
+    m = int(math.sqrt(n))
+    if m * m != n:
+        raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
+    if (h, w) == (m, m):
+        return pos
+    grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)  # [1, D, m, m]
+    if offset:
+        scale = ((h + offset) / m, (w + offset) / m)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)
+    if grid.shape[-2:] != (h, w):
+        raise RuntimeError(f"position grid resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, h*w, D]
+    return torch.cat([pos[:, :1], grid], dim=1)
+
+
 class VisionTransformer(nn.Module):
     """Pre-norm ViT: patch tokens + CLS (+ registers), learned position embedding resized on the fly.
 
@@ -102,24 +125,7 @@ class VisionTransformer(nn.Module):
     # ---- tokens -------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, h: int, w: int, dtype: torch.dtype) -> Tensor:
         """Position embedding for an (h x w)-patch grid: the learned square grid resized bicubically."""
-        pos = self.pos_embed.float()
-        n = pos.shape[1] - 1
-        m = int(math.sqrt(n))
-        if m * m != n:
-            raise ValueError(f"pos_embed holds {n} patch positions, not a square grid")
-        if (h, w) == (m, m):
-            return self.pos_embed.to(dtype)
-        grid = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)  # [1, D, m, m]
-        aa = self.interpolate_antialias
-        if self.interpolate_offset:
-            scale = ((h + self.interpolate_offset) / m, (w + self.interpolate_offset) / m)
-            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=aa)
-        else:
-            grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=aa)
-        if grid.shape[-2:] != (h, w):
-            raise RuntimeError(f"position grid resized to {tuple(grid.shape[-2:])}, expected {(h, w)}")
-        grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, h*w, D]
-        return torch.cat([pos[:, :1], grid], dim=1).to(dtype)
+        return grid_pos_embed(self.pos_embed, h, w, self.interpolate_offset, self.interpolate_antialias).to(dtype)
 
     def prepare_tokens(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """[B, C, H, W] -> [B, 1 + R + N, D]; masked patches are replaced by the learned mask token."""
