@@ -144,6 +144,6 @@ def at_eval_grid(state: Mapping[str, Tensor], cfg: Mapping[str, Any],
         return sd, dict(cfg)
     n = crop // patch
     pos = grid_pos_embed(sd["pos_embed"], n, n, float(cfg.get("interpolate_offset", 0.1)),
-                           bool(cfg.get("interpolate_antialias", False)))
+                         bool(cfg.get("interpolate_antialias", False)))
     sd["pos_embed"] = pos.to(sd["pos_embed"].dtype)
     return sd, {**cfg, "img_size": crop}
