@@ -51,10 +51,10 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 
 
 def run_one(n: int, dim: int, threads: int) -> dict:
-    from curation.config import load_config
-    from curation.dedup import deduplicate
-    from curation.index import set_threads
-    from curation.retrieve import cluster_based, sample_based
+    from dinolike.curation.config import load_config
+    from dinolike.curation.dedup import deduplicate
+    from dinolike.curation.index import set_threads
+    from dinolike.curation.retrieve import cluster_based, sample_based
 
     cfg = load_config(None, [f"index.threads={threads}", "retrieve.n_clusters=1000"])
     set_threads(threads)

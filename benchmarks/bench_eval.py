@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dinolike.evaluation.features import FeatureSet  # noqa: E402
-from dinolike.evaluation.knn import knn_eval  # noqa: E402
-from eval.linear import linear_probe  # noqa: E402
-from eval.logreg import logreg_eval  # noqa: E402
+from dinolike.eval.features import FeatureSet  # noqa: E402
+from dinolike.eval.knn import knn_eval  # noqa: E402
+from dinolike.eval.linear import linear_probe  # noqa: E402
+from dinolike.eval.logreg import logreg_eval  # noqa: E402
 
 # the random ViT baseline: the default recipe's architecture and initialisation, untrained
 RANDOM_ARGS = ["--config", "configs/fmnist_cpu.yaml"]

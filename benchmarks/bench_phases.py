@@ -37,13 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dinolike.config import load_config  # noqa: E402
 from dinolike.data.datasets import build_dataset  # noqa: E402
 from dinolike.data.normalize import build_eval_transform  # noqa: E402
-from dinolike.evaluation.features import FeatureSet, extract_features  # noqa: E402
-from dinolike.evaluation.knn import knn_eval  # noqa: E402
+from dinolike.eval.features import FeatureSet, extract_features  # noqa: E402
+from dinolike.eval.knn import knn_eval  # noqa: E402
 from dinolike.interop import load_pretrained  # noqa: E402
 from dinolike.training import checkpoint as ck  # noqa: E402
 from dinolike.training.checkpoint import resolve_checkpoint  # noqa: E402
 from dinolike.training.loop import train  # noqa: E402
-from eval.linear import linear_probe  # noqa: E402
+from dinolike.eval.linear import linear_probe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eval.__main__ import main as eval_main  # noqa: E402
+from dinolike.commands.eval import main as eval_main  # noqa: E402
 
 SPLITS = {"1%": ["--train-fraction", "0.01"], "10%": ["--train-fraction", "0.1"], "100%": [],
           "1-shot": ["--shots", "1"], "5-shot": ["--shots", "5"], "10-shot": ["--shots", "10"]}

@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 
 from dinolike.data.datasets import build_dataset
 from dinolike.data.normalize import build_eval_transform
-from dinolike.evaluation.features import FeatureSet, extract_features
+from dinolike.eval.features import FeatureSet, extract_features
 from dinolike.interop import load_pretrained
-from eval.linear import linear_probe
+from dinolike.eval.linear import linear_probe
 
 MEAN, STD = (0.286,), (0.353,)  # Fashion-MNIST, as configs/fmnist_cpu.yaml
 HIGH_LRS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0]

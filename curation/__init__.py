@@ -1,4 +1,1 @@
-"""Data curation in the style of DINOv2's LVD-142M: embed, deduplicate, retrieve, sample, build a manifest.
-
-Run as `python -m curation STEP --config configs/curation/fmnist_demo.yaml [key=value ...]`.
-"""
+"""Checkout shim: `python -m curation STEP ...` runs `dinolike curate STEP ...` (code: dinolike/curation)."""

@@ -13,20 +13,19 @@ import importlib
 import logging
 import sys
 
-from dinolike.commands.packages import COMMAND_PACKAGES, import_command
 
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dinolike.commands.train", "pretrain (or run a high-res phase) from a config"),
     "distill": ("dinolike.commands.train", "distill a pretrained teacher into smaller students"),
-    "eval": ("eval.__main__", "knn | linear | logreg evaluation of a checkpoint"),
-    "plot": ("eval.plot", "PNG of the training curves of a run directory"),
-    "viz": ("eval.viz", "PCA picture of patch features"),
+    "eval": ("dinolike.commands.eval", "knn | linear | logreg evaluation of a checkpoint"),
+    "plot": ("dinolike.eval.plot", "PNG of the training curves of a run directory"),
+    "viz": ("dinolike.eval.viz", "PCA picture of patch features"),
     "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
     "embed": ("dinolike.commands.embed", "CLS (+ pooled patch) embeddings of a folder of images -> .npy / .parquet"),
     "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
-    "submit": ("launch.__main__", "submit a job to SLURM through submitit"),
-    "curate": ("curation.__main__", "curation steps: embed | dedup | retrieve | sample | build"),
+    "submit": ("dinolike.launch.submit", "submit a job to SLURM through submitit"),
+    "curate": ("dinolike.commands.curate", "curation steps: embed | dedup | retrieve | sample | build"),
     "pipeline": ("dinolike.commands.pipeline", "the whole flow: curate -> pretrain -> highres -> distill -> eval"),
 }
 
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines drown --help
     name = COMMANDS[argv[0]][0]
-    module = import_command(name) if name.partition(".")[0] in COMMAND_PACKAGES else importlib.import_module(name)
+    module = importlib.import_module(name)
     if argv[0] in ("train", "distill"):
         return module.main(argv)
     return module.main(argv[1:])

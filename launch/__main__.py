@@ -1,10 +1,8 @@
-"""`python -m launch COMMAND ...` (and `dinolike submit COMMAND ...`): see launch.submit."""
-
-from __future__ import annotations
+"""`python -m launch COMMAND ...` from a checkout: the same as `dinolike submit COMMAND ...`."""
 
 import sys
 
-from .submit import main
+from dinolike.launch.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

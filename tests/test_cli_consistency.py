@@ -67,16 +67,16 @@ def test_errors_share_one_prefix(tmp_path: Path) -> None:
 
 
 def test_every_option_has_help() -> None:
-    from curation.cli import build_parser as curate
+    from dinolike.commands.curate import build_parser as curate
     from dinolike.bench import build_parser as bench
     from dinolike.commands.export import build_parser as export
     from dinolike.commands.train import build_parser as train
-    from eval.knn import build_parser as knn
-    from eval.linear import build_parser as linear
-    from eval.logreg import build_parser as logreg
-    from eval.plot import build_parser as plot
-    from eval.viz import build_parser as viz
-    from launch.submit import build_parser as submit
+    from dinolike.eval.protocols import build_parser as knn
+    from dinolike.eval.linear import build_parser as linear
+    from dinolike.eval.logreg import build_parser as logreg
+    from dinolike.eval.plot import build_parser as plot
+    from dinolike.eval.viz import build_parser as viz
+    from dinolike.launch.submit import build_parser as submit
 
     parsers = [train("train"), train("distill"), bench(), export(), knn(), linear(), logreg(), plot(), viz(),
                curate(), submit()]

@@ -124,8 +124,8 @@ def test_every_shipped_recipe_can_start_a_run(path: Path) -> None:
 
 @pytest.mark.parametrize("path", CURATION_RECIPES, ids=lambda p: p.name)
 def test_every_curation_recipe_can_run(path: Path) -> None:
-    from curation.config import load_config as load_curation
-    from curation.pipeline import STEPS
+    from dinolike.curation.config import load_config as load_curation
+    from dinolike.curation.pipeline import STEPS
 
     cfg = load_curation(path)
     _check_sets_what_it_says(path, cfg)
@@ -140,7 +140,7 @@ def test_every_curation_recipe_can_run(path: Path) -> None:
 
 
 def test_eval_schema_adds_keys_without_touching_the_training_ones() -> None:
-    from eval.common import SCHEMA
+    from dinolike.eval.common import SCHEMA
 
     assert SCHEMA == EVAL_SCHEMA
     train_keys = set(_leaf_keys(OmegaConf.load(BASE)))

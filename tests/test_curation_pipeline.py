@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curation.cli import main
-from curation.config import load_config
-from curation.demo import write_demo_pool
-from curation.embed import load_set
-from curation.pipeline import load_dedup
+from dinolike.commands.curate import main
+from dinolike.curation.config import load_config
+from dinolike.curation.demo import write_demo_pool
+from dinolike.curation.embed import load_set
+from dinolike.curation.pipeline import load_dedup
 from dinolike.data.datasets import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import numpy as np
 from faultlog import record
 from PIL import Image
 
-from curation.cli import main
+from dinolike.commands.curate import main
 from dinolike.data.datasets import FashionMNIST
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from testkit import unit
 
-from curation.config import load_config
-from curation.dedup import deduplicate
-from curation.index import _split_counts, build_index, ivf_nlist, train_centroids
-from curation.selfjoin import threshold_join, top_k_per_row
+from dinolike.curation.config import load_config
+from dinolike.curation.dedup import deduplicate
+from dinolike.curation.index import _split_counts, build_index, ivf_nlist, train_centroids
+from dinolike.curation.selfjoin import threshold_join, top_k_per_row
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see conftest.py
 

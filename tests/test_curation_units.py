@@ -11,13 +11,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
 from testkit import unit
 
-from curation.config import ConfigError, load_config
-from curation.dedup import deduplicate
-from curation.embed import prepare_sets, submit_embed
-from curation.index import build_index, search
-from curation.sample import balanced_quota, balanced_sample
-from curation.store import ShardSet, StepOutputError
-from curation.unionfind import connected_components
+from dinolike.curation.config import ConfigError, load_config
+from dinolike.curation.dedup import deduplicate
+from dinolike.curation.embed import prepare_sets, submit_embed
+from dinolike.curation.index import build_index, search
+from dinolike.curation.sample import balanced_quota, balanced_sample
+from dinolike.curation.store import ShardSet, StepOutputError
+from dinolike.curation.unionfind import connected_components
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "curation" / "fmnist_demo.yaml"
 INDEX = {"type": "flat", "flat_max_pairs": 0, "nlist": 0, "list_size": 256, "nprobe": 8, "quantizer": "auto",

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dinolike.evaluation.knn import knn_eval
-from eval.__main__ import main as eval_main
-from eval.plot import NCOLS, PANEL_H_IN, PANEL_W_IN
-from eval.plot import main as plot_main
-from eval.viz import main as viz_main
-from eval.viz import pca_rgb
+from dinolike.eval.knn import knn_eval
+from dinolike.commands.eval import main as eval_main
+from dinolike.eval.plot import NCOLS, PANEL_H_IN, PANEL_W_IN
+from dinolike.eval.plot import main as plot_main
+from dinolike.eval.viz import main as viz_main
+from dinolike.eval.viz import pca_rgb
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 PICO = [

@@ -12,8 +12,8 @@ from PIL import Image
 from testkit import free_port
 
 from dinolike.data.normalize import build_eval_transform
-from dinolike.evaluation.features import FeatureSet, extract_features
-from eval.feature_cache import cache_key, cached_features
+from dinolike.eval.features import FeatureSet, extract_features
+from dinolike.eval.feature_cache import cache_key, cached_features
 
 MEAN, STD = (0.2860,), (0.3530,)
 
@@ -95,7 +95,7 @@ def test_cache_reuses_and_invalidates(tmp_path) -> None:
 
     ckpt = tmp_path / "a.pth"
     ckpt.write_bytes(b"x")
-    from eval.feature_cache import path_fingerprint
+    from dinolike.eval.feature_cache import path_fingerprint
 
     key = {"file": path_fingerprint(str(ckpt)), "spec": "fmnist:test"}
     a, hit_a = cached_features(tmp_path / "c", key, compute)
@@ -153,7 +153,7 @@ def test_linear_input_layout() -> None:
 def test_knn_features_cls_plus_patches_averages_the_two_cosines() -> None:
     """"cls+patches": the cosine of two rows is the mean of their CLS and patch-mean cosines, whatever
     the scale of either part; raw pixels (no patch tokens) and unknown kinds are clear errors."""
-    from dinolike.evaluation.features import FeatureError
+    from dinolike.eval.features import FeatureError
 
     g = torch.Generator().manual_seed(0)
     cls = torch.randn(6, 2, 5, generator=g)  # [N, L, D]

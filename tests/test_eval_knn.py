@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinolike.evaluation.knn import knn_eval, knn_neighbours
+from dinolike.eval.knn import knn_eval, knn_neighbours
 
 
 def _clusters(n_per: int, n_classes: int, dim: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinolike.evaluation.features import FeatureSet
-from eval.linear import head_kinds, linear_probe, pick_head, split_train_val, standardizer
-from eval.logreg import logreg_eval
+from dinolike.eval.features import FeatureSet
+from dinolike.eval.linear import head_kinds, linear_probe, pick_head, split_train_val, standardizer
+from dinolike.eval.logreg import logreg_eval
 
 
 def _separable(n: int, seed: int, n_classes: int = 5, dim: int = 16) -> FeatureSet:

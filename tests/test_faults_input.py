@@ -19,13 +19,13 @@ import pytest
 from faultlog import FAULTS, record, render
 from PIL import Image
 
-from curation.cli import main as curate
+from dinolike.commands.curate import main as curate
 from dinolike.commands import train as cli
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST, ImageFolder, load_image, read_image
 from dinolike.data.positions import SSLDataset
 from dinolike.training.loop import train
-from launch import submit
+from dinolike.launch import submit
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "fmnist_smoke.yaml"
@@ -180,7 +180,7 @@ def test_curate_and_eval_check_their_config_before_any_work(tmp_path, capsys):
     assert "retrieve.methods must be made of sample, cluster; got 'nearest'" in curate_err
     assert not work.exists()  # nothing embedded before the error
 
-    from eval.__main__ import main as evaluate
+    from dinolike.commands.eval import main as evaluate
 
     cache = tmp_path / "cache"
     for bad, message in ((["--val-dataset", "fmnist:val"], "--val-dataset: dataset spec 'fmnist:val'"),

@@ -27,7 +27,7 @@ from dinolike.commands import export as export_cmd
 from dinolike.commands import train as cli
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
-from dinolike.evaluation.spread import CONSTANT_COSINE, backbone_cls_cosine, mean_pairwise_cosine
+from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine, mean_pairwise_cosine
 from dinolike.models import build_backbone
 from dinolike.training import checkpoint as ck
 from dinolike.training import loop

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dinolike.data.datasets import FashionMNIST
-from dinolike.evaluation.features import FeatureSet
-from eval.fewlabel import FewLabelError, few_label_indices, mean_and_spread, per_class_counts, split_label
-from eval.knn import knn_eval
+from dinolike.eval.features import FeatureSet
+from dinolike.eval.fewlabel import FewLabelError, few_label_indices, mean_and_spread, per_class_counts, split_label
+from dinolike.eval.protocols import knn_eval
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_knn_with_few_shots_on_clustered_features_gives_the_expected_accuracy() 
 
 
 def test_stratified_holdout_keeps_every_class_in_the_fit_part() -> None:
-    from eval.linear import split_train_val
+    from dinolike.eval.linear import split_train_val
 
     labels = torch.arange(10).repeat_interleave(5)  # 5 shots of 10 classes
     fit, val = split_train_val(len(labels), 0.1, seed=0, labels=labels)
@@ -87,7 +87,7 @@ def test_stratified_holdout_keeps_every_class_in_the_fit_part() -> None:
 
 
 def test_a_holdout_too_small_to_choose_on_is_folded_back_into_the_fit_part() -> None:
-    from eval.linear import split_train_val
+    from dinolike.eval.linear import split_train_val
 
     labels = torch.arange(10).repeat_interleave(10)  # 10 shots: 1 image per class would be held out
     fit, val = split_train_val(len(labels), 0.1, seed=0, labels=labels, min_val_per_class=5)
@@ -109,8 +109,8 @@ def test_few_shot_linear_probe_on_fashion_mnist_pixels_does_not_pick_a_head_by_c
     """At 5 shots a 10 % hold-out is one image per class: choosing among 13 lrs on it picked lr 1e-5 on
     split 1 (47.5 % test top-1 against 62-64 % for splits 0 and 2). Without a usable hold-out every shot
     fits and the grid's default head is used, so no split falls that far behind the others."""
-    from eval.linear import linear_probe
-    from eval.logreg import logreg_eval
+    from dinolike.eval.linear import linear_probe
+    from dinolike.eval.logreg import logreg_eval
 
     train, test = _fmnist_pixels("train"), _fmnist_pixels("test")
     lrs = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]
@@ -128,7 +128,7 @@ def test_few_shot_linear_probe_on_fashion_mnist_pixels_does_not_pick_a_head_by_c
 
 
 def _eval(protocol: str, tmp_path, *flags: str) -> dict:
-    from eval.__main__ import main as eval_main
+    from dinolike.commands.eval import main as eval_main
 
     out = tmp_path / f"{protocol}{'_'.join(flags)}"
     args = [protocol, "--pretrained", "pixels", "--limit-train", "3000", "--limit-val", "500", "--no-progress",
@@ -163,7 +163,7 @@ def test_few_label_flags_of_the_eval_commands_on_fashion_mnist(tmp_path) -> None
 
 
 def test_bad_few_label_flags_are_one_line_errors(tmp_path, capsys) -> None:
-    from eval.__main__ import main as eval_main
+    from dinolike.commands.eval import main as eval_main
 
     base = ["knn", "--pretrained", "pixels", "--limit-train", "200", "--limit-val", "50", "--no-progress",
             "--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "cache")]

@@ -1,7 +1,7 @@
 """Imports run downwards only: no circle between project modules, no import up the floors of STYLE.md.
 
 Every project module is parsed with `ast` (nothing is imported or run). Imports at module level and inside
-functions count alike, and so do `import_module("x.y")` / `import_command("x.y")` calls with a literal
+functions count alike, and so do `import_module("x.y")` calls with a literal
 name and the command table of `dinolike/cli.py`: a function-level import that goes upwards is still an
 upward import, and a circle closed inside a function is still a circle.
 """
@@ -13,8 +13,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOTS = ("dinolike", "eval", "curation", "launch", "benchmarks")
-# installed names of the command folders (pyproject.toml maps them): an import by either name is the folder
-INSTALLED = {"dinolike_eval": "eval", "dinolike_curation": "curation", "dinolike_launch": "launch"}
 
 # The house, lowest floor first (STYLE.md). A module stands on the floor of the longest prefix listed
 # here; an import may point to its own floor or lower. `dinolike` itself is only the package's __init__:
@@ -25,12 +23,16 @@ FLOORS: dict[str, int] = {
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
-    "dinolike.evaluation": 3, "dinolike.local_procs": 3, "dinolike.pipeline": 3,
-    # commands on top of the library: the CLI and the command packages
-    "dinolike.cli": 4, "dinolike.commands": 4, "dinolike.bench": 4, "eval": 4, "curation": 4, "launch": 4,
-    "benchmarks": 5,
+    "dinolike.local_procs": 3, "dinolike.pipeline": 3,
+    # the feature extraction + kNN that training's periodic eval needs
+    "dinolike.eval.features": 3, "dinolike.eval.knn": 3, "dinolike.eval.spread": 3, "dinolike.eval.embed": 3,
+    # the jobs, each a library function taking its config: eval protocols, curation steps, launching
+    "dinolike.eval": 4, "dinolike.curation": 4, "dinolike.launch": 4, "dinolike.jobs": 4,
+    # command shells on top: parse -> load config -> call a job; the checkout shims of eval/, curation/, launch/
+    "dinolike.cli": 5, "dinolike.commands": 5, "dinolike.bench": 5, "eval": 5, "curation": 5, "launch": 5,
+    "benchmarks": 6,
 }
-IMPORT_CALLS = ("import_module", "import_command")
+IMPORT_CALLS = ("import_module",)
 
 
 def project_modules(repo: Path, roots: tuple[str, ...] = ROOTS) -> dict[str, Path]:
@@ -47,8 +49,6 @@ def project_modules(repo: Path, roots: tuple[str, ...] = ROOTS) -> dict[str, Pat
 
 def _project_target(name: str, modules: dict[str, Path]) -> str | None:
     """The project module an imported dotted name lands in (its longest known prefix), or None."""
-    head, _, rest = name.partition(".")
-    name = INSTALLED.get(head, head) + (f".{rest}" if rest else "")
     parts = name.split(".")
     for n in range(len(parts), 0, -1):
         candidate = ".".join(parts[:n])
@@ -195,11 +195,11 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) ->
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "__init__.py").write_text("")
     (tmp_path / "eval" / "knn.py").write_text("import importlib\nM = importlib.import_module('dinolike.training')\n")
-    (pkg / "periodic.py").write_text("def knn():\n    from dinolike_eval.knn import knn_eval\n")
+    (pkg / "periodic.py").write_text("def knn():\n    from eval.knn import knn_eval\n")
     graph = import_graph(tmp_path, roots=("dinolike", "eval"))
     assert circles(graph) == [["dinolike.training.distill", "dinolike.training.loop"]]
     assert graph["eval.knn"] == {"dinolike.training": 2}
     modules = project_modules(tmp_path, roots=("dinolike", "eval"))
     assert upward_imports(graph, modules, tmp_path) == [
-        "dinolike/training/periodic.py:2: dinolike.training.periodic (floor 3) imports eval.knn (floor 4)"
+        "dinolike/training/periodic.py:2: dinolike.training.periodic (floor 3) imports eval.knn (floor 5)"
     ]

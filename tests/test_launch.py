@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import submit as sub
-from launch.cluster import Cluster, ClusterUnavailable, start_cluster
+from dinolike.launch import submit as sub
+from slurm.cluster import Cluster, ClusterUnavailable, start_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--config", "configs/fmnist_smoke.yaml", "data.batch_size=8", "data.limit=64", "optim.epochs=2",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from testkit import SMOKE
 
-from launch import submit as sub
-from launch.task import EXIT_REQUEUE, LaunchTask, SignalGuard, resolve_entry
+from dinolike.launch import submit as sub
+from dinolike.launch.task import EXIT_REQUEUE, LaunchTask, SignalGuard, resolve_entry
 
 SEEN: dict = {}
 
@@ -233,7 +233,7 @@ def test_module_entry_point_shows_help():
 
 
 def test_cluster_refuses_non_root_with_a_clear_reason(monkeypatch, tmp_path):
-    from launch import cluster
+    from slurm import cluster
 
     monkeypatch.setattr(cluster.os, "geteuid", lambda: 1000)
     with pytest.raises(cluster.ClusterUnavailable, match="needs root"):
@@ -242,7 +242,7 @@ def test_cluster_refuses_non_root_with_a_clear_reason(monkeypatch, tmp_path):
 
 
 def test_cluster_apt_failure_is_unavailable_not_a_crash(monkeypatch, tmp_path):
-    from launch import cluster
+    from slurm import cluster
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -254,7 +254,7 @@ def test_cluster_apt_failure_is_unavailable_not_a_crash(monkeypatch, tmp_path):
 
 
 def test_cluster_config_has_what_a_single_node_needs(tmp_path):
-    from launch import cluster
+    from slurm import cluster
 
     (tmp_path / "etc").mkdir()
     ports = {"slurmctld": 7001, "slurmd": 7002, "slurmdbd": 7003}

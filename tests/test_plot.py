@@ -17,7 +17,7 @@ from testkit import SMOKE
 from dinolike.commands.train import grey_scale_warning
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
-from eval.plot import curves_figure
+from dinolike.eval.plot import curves_figure
 
 K = 256  # the smoke recipe's prototypes (heads.out_dim)
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinolike.config import ConfigError, find_config
-from dinolike.evaluation.embed import Embeddings, Preprocess
+from dinolike.eval.embed import Embeddings, Preprocess
 
 DEFAULT_RECIPE = "folder_vits14.yaml"  # ViT-S/14 on your own RGB images (configs/folder_vits14.yaml)
 
@@ -111,7 +111,7 @@ def load(ckpt_or_run: str | os.PathLike, which: str = "teacher") -> tuple[nn.Mod
     `preprocess(pil_image)` gives the tensor [C, H, W] the run trained on (grey or RGB, resized,
     center-cropped, normalised); `model(x)` [B, C, H, W] gives the normalised CLS embeddings [B, D].
     """
-    from dinolike.evaluation.embed import load_backbone
+    from dinolike.eval.embed import load_backbone
 
     return load_backbone(ckpt_or_run, which)
 
@@ -128,7 +128,7 @@ def embed(
     asked for, `.labels`, `.skipped`).
     """
     from dinolike.data.datasets import as_spec, build_dataset
-    from dinolike.evaluation.embed import embed_dataset, load_backbone
+    from dinolike.eval.embed import embed_dataset, load_backbone
 
     if not isinstance(model, nn.Module):
         model, preprocess = load_backbone(model)

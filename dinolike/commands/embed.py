@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinolike.evaluation.embed import Embeddings
+from dinolike.eval.embed import Embeddings
 
 SUFFIXES = (".npy", ".parquet")
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
     """Load, embed and write; raises EmbedError / FileNotFoundError / DataError on bad input."""
     from dinolike.commands.api import embed
     from dinolike.data.datasets import as_spec
-    from dinolike.evaluation.embed import load_backbone
+    from dinolike.eval.embed import load_backbone
 
     out = Path(args.out)
     check_output(out)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     from dinolike.data.datasets import DataError
-    from dinolike.evaluation.features import FeatureError
+    from dinolike.eval.features import FeatureError
     from dinolike.models.load import CheckpointMismatchError
 
     args = build_parser().parse_args(argv)

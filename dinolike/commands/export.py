@@ -72,7 +72,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", 
     """Convert `ckpt` into `fmt` under `out`; returns the directory. Raises CheckpointMismatchError
     (InteropError) with a readable message on bad input, and CollapsedBackboneError for a backbone whose
     CLS embedding is the same for every probe image (unless `allow_collapsed`: the model card says so)."""
-    from dinolike.evaluation.spread import CONSTANT_COSINE, backbone_cls_cosine
+    from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine
     from dinolike.interop import hf, timm
     from dinolike.interop.official import read_backbone_with_cfg
     from dinolike.interop.run_info import find_run_config, model_card, preprocessing

@@ -23,7 +23,6 @@ from typing import IO
 from omegaconf import DictConfig, OmegaConf
 from yaml import YAMLError
 
-from dinolike.commands.packages import import_command
 from dinolike.commands.pipeline_stages import (
     RUNNERS,
     Stage,
@@ -84,7 +83,7 @@ def finish_stage(out: Path, stage: Stage, state: dict, t0: float) -> None:
 def update_records(cfg: DictConfig, config_file: str) -> None:
     out, stages = Path(cfg.output_dir), [str(s) for s in cfg.stages]
     write_lineage(out, pipeline_record(cfg, config_file), stages)
-    plots = import_command("eval.plot")
+    from dinolike.eval import plot as plots
     (out / REPORT_DIR).mkdir(exist_ok=True)
     curves = {}
     for s in stages:

@@ -21,7 +21,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.commands.packages import import_command
 from dinolike.commands.train import main as train_main
 from dinolike.config import OPERATIONAL, ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
@@ -120,7 +119,8 @@ def _injected(out: Path, name: str, stages: list[str], demo: bool) -> tuple[list
 
 def _resolve(name: str, config_file: Path, overrides: list[str]) -> dict[str, Any]:
     if name == "curate":
-        cfg = import_command("curation.config").load_config(config_file, overrides)
+        from dinolike.curation import config as curation_config
+        cfg = curation_config.load_config(config_file, overrides)
     else:
         cfg = load_config(config_file, overrides)
         check_train_config(cfg)  # values, as `dinolike train` checks them, before any stage runs
@@ -165,7 +165,7 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
     if not protocols or any(not p for p in protocols):
         raise ConfigError(f"eval.protocols must list `dinolike eval` command lines, got {list(sec.protocols)}")
     overrides = [str(o) for o in sec.overrides]
-    evals = import_command("eval.__main__")
+    from dinolike.commands import eval as evals
     for words in protocols:  # each line parsed and checked now, not after hours of training
         if words[0] not in evals.PROTOCOLS:
             raise ConfigError(f"eval.protocols: {' '.join(words)!r}: the protocol must be one of "
@@ -177,7 +177,7 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
             raise ConfigError(f"eval.protocols: {line!r} is not a valid `dinolike eval` command line") from None
         except ConfigError as e:
             raise ConfigError(f"eval.protocols: {' '.join(words)!r}: {e}") from None
-    common = import_command("eval.common")
+    from dinolike.eval import common
     try:  # the eval commands' strict config (a model's: data.mean / std may be set): a typo fails now
         common.resolve_config(common.RANDOM, "vit_small", overrides)
     except common.EvalError as e:
@@ -291,12 +291,14 @@ def run_curate_demo(out: Path, cfg: DictConfig) -> int:
     demo, n = stage_dir(out, "curate") / "demo", int(cfg.curate.demo)
     if n <= 0 or (demo / "truth.json").is_file():
         return 0
-    return import_command("curation.cli").main(["demo", "--demo-out", str(demo), "--demo-n", str(n)])
+    from dinolike.commands import curate as curate_cli
+    return curate_cli.main(["demo", "--demo-out", str(demo), "--demo-n", str(n)])
 
 
 def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
     rc = run_curate_demo(out, cfg)
-    return rc or import_command("curation.cli").main(["all", "--config", str(stage.config_file), *stage.overrides])
+    from dinolike.commands import curate as curate_cli
+    return rc or curate_cli.main(["all", "--config", str(stage.config_file), *stage.overrides])
 
 
 def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
@@ -326,7 +328,7 @@ def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
               "--cache-dir", str(out / "cache" / "features"), "--no-progress"]
     common += ["--limit-train", str(sec.limit_train)] if int(sec.limit_train) > 0 else []
     common += ["--limit-val", str(sec.limit_val)] if int(sec.limit_val) > 0 else []
-    main: Callable[[list[str]], int] = import_command("eval.__main__").main
+    from dinolike.commands.eval import main
     table: dict[str, dict[str, Any]] = {}
     for model, (pretrained, extra) in models.items():
         table[model] = {"pretrained": os.path.relpath(pretrained, out) if os.sep in pretrained else pretrained}

@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dinolike.commands.packages import import_command
+from dinolike.launch import submit as launch_submit
+from dinolike.launch.task import LaunchTask
 from dinolike.commands.pipeline_stages import Stage, begin_stage, build_stages, run_curate_demo, stage_fingerprint
 from dinolike.config import ConfigError
 from dinolike.pipeline.lineage import up_to_date
@@ -38,7 +39,7 @@ def plan(cfg: DictConfig) -> tuple[list[Stage], dict[str, str]]:
 
 def _executor(cfg: DictConfig, stage: str, after: list[str]) -> tuple[Any, Any]:
     """(submitit executor, launcher args) for a stage: `submit.launch`, then the stage's own `launch`."""
-    sub = import_command("launch.submit")
+    sub = launch_submit
     out = Path(cfg.output_dir)
     # the launcher's own options and checks; its COMMAND word only names the job, which --job-name does here
     argv = ["train", "--job-dir", str(out / "jobs"), "--job-name", f"pipeline-{stage}",
@@ -65,7 +66,7 @@ def submit_pipeline(cfg: DictConfig, config_file: str, overrides: list[str], wai
     if not todo:
         print(f"dinolike pipeline: {out}: every stage is up to date, nothing to submit", file=sys.stderr)
         return 0
-    task_cls = import_command("launch.task").LaunchTask
+    task_cls = LaunchTask
     job_argv = ["--config", str(Path(config_file).absolute()), *overrides, f"output_dir={out}"]
     jobs: list[tuple[str, Any]] = []
     after: list[str] = []
@@ -92,10 +93,12 @@ def _submit_embed(cfg: DictConfig, stage: Stage, fps: dict[str, str], jobs: list
     rc = run_curate_demo(out, cfg)
     if rc:
         raise ConfigError(f"curate: writing the demo pool failed (exit status {rc})")
-    cur = import_command("curation.config").load_config(stage.config_file, stage.overrides)
+    from dinolike.curation import config as curation_config
+    cur = curation_config.load_config(stage.config_file, stage.overrides)
     executor, _ = _executor(cfg, "curate", [])
     executor.update_parameters(tasks_per_node=1, nodes=1, name="pipeline-embed")  # one process per shard
-    array = import_command("curation.embed").submit_embed(cur, executor)
+    from dinolike.curation import embed as curation_embed
+    array = curation_embed.submit_embed(cur, executor)
     if not array:
         return []
     print(f"curate embed: {len(array)} shard(s) as job array {array[0].job_id.split('_')[0]}")
@@ -105,7 +108,7 @@ def _submit_embed(cfg: DictConfig, stage: Stage, fps: dict[str, str], jobs: list
 
 def _wait(jobs: list[tuple[str, Any]], out: Path) -> int:
     """Follow the jobs in order; at the first failure cancel the rest (their dependency can never be met)."""
-    wait_for = import_command("launch.submit").wait_for
+    wait_for = launch_submit.wait_for
     for i, (name, job) in enumerate(jobs):
         if name == "curate embed":  # a shard task returns whether it computed the shard, not a status
             try:

@@ -144,10 +144,9 @@ def grey_scale_warning(cfg: DictConfig) -> str | None:
 def final_knn(cfg: DictConfig) -> int:
     """The full kNN evaluation of the exported teacher, printed as a table at the end of the run (and into
     its log.txt, by rank 0)."""
-    from dinolike.commands.packages import import_command
     from dinolike.training.tracking import RunLog
 
-    knn_main = import_command("eval.knn").main
+    from dinolike.eval.protocols import main as knn_main
     out = Path(cfg.run.output_dir)
     with RunLog(out, is_main=os.environ.get("RANK", "0") == "0"):
         print("\nkNN evaluation of the trained backbone:", file=sys.stderr)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from dinolike.evaluation.spread import CONSTANT_COSINE
+from dinolike.eval.spread import CONSTANT_COSINE
 
 
 class CollapseError(RuntimeError):

@@ -20,7 +20,7 @@ from torch import nn
 
 from dinolike import dist, fsdp
 from dinolike.config import to_container
-from dinolike.evaluation.spread import backbone_cls_cosine
+from dinolike.eval.spread import backbone_cls_cosine
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.training import checkpoint as ck
 from dinolike.training.collapse import CollapseWatch

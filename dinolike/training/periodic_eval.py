@@ -21,8 +21,8 @@ def _dataset(spec: str, channels: int, limit: int | None):
 def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dict[str, float]:
     """k=20 weighted kNN top-1 (%) of the kept backbone's CLS token; runs on every rank (sharded)."""
     from dinolike.data.normalize import build_eval_transform
-    from dinolike.evaluation.features import extract_features
-    from dinolike.evaluation.knn import knn_eval
+    from dinolike.eval.features import extract_features
+    from dinolike.eval.knn import knn_eval
 
     e, d = cfg.eval, cfg.data
     size = cfg.crops.global_size

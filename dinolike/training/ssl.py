@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from dinolike.evaluation.spread import mean_pairwise_cosine
+from dinolike.eval.spread import mean_pairwise_cosine
 from dinolike.loss import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from dinolike.models import DINOHead, VisionTransformer, build_backbone
 from dinolike.training.method import Method, Phase, untimed

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dinolike.data.normalize import build_eval_transform
-from dinolike.evaluation.features import extract_features
+from dinolike.eval.features import extract_features
 from dinolike.interop.common import describe_backbone
 from dinolike.interop.run_info import Preprocessing, find_run_config, preprocessing
 

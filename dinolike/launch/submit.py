@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .task import EXIT_REQUEUE, LaunchTask
+from dinolike.launch.task import EXIT_REQUEUE, LaunchTask
 
 COMMANDS = ("train", "distill", "eval", "curate")
 DEFAULT_JOB_DIR = "runs/_jobs"
@@ -143,11 +143,13 @@ def wait_for(job) -> int:
 def submit_embed_array(args: argparse.Namespace, passthrough: list[str]) -> int:
     """`curate -- embed --config X ...`: one array task per pending shard (a shard that is already
     complete is not submitted; a failed or preempted shard is picked up by the next submission)."""
-    from dinolike.commands.packages import import_command
 
-    cargs = import_command("curation.cli").build_parser().parse_intermixed_args(passthrough)
-    cfg = import_command("curation.config").load_config(cargs.config, cargs.overrides)
-    submit_embed = import_command("curation.embed").submit_embed
+    from dinolike.commands import curate as curate_cli
+    cargs = curate_cli.build_parser().parse_intermixed_args(passthrough)
+    from dinolike.curation import config as curation_config
+    cfg = curation_config.load_config(cargs.config, cargs.overrides)
+    from dinolike.curation import embed as curation_embed
+    submit_embed = curation_embed.submit_embed
     executor = make_executor(args)
     executor.update_parameters(tasks_per_node=1, nodes=1)  # one process per shard
     jobs = submit_embed(cfg, executor)
@@ -171,16 +173,16 @@ def validate_passthrough(command: str, passthrough: list[str]) -> int | None:
     """Run the command's own argument and config checks here, before anything is submitted: an error in
     the config surfaces now as one line, not minutes later in a job's log. None when valid, else the
     exit status (nothing is submitted)."""
-    from dinolike.commands.packages import import_command
     from dinolike.config import ConfigError
 
     try:
         if command in ("train", "distill"):
             from dinolike.commands.train import validate
         elif command == "eval":
-            validate = import_command("eval.__main__").validate
+            from dinolike.commands.eval import validate
         else:
-            validate = import_command("curation.cli").validate
+            from dinolike.commands import curate as curate_cli
+            validate = curate_cli.validate
         validate([command, *passthrough] if command in ("train", "distill") else passthrough)
     except ConfigError as e:
         print(f"dinolike submit {command}: error: {e}; nothing submitted", file=sys.stderr)

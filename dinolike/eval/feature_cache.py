@@ -1,6 +1,6 @@
 """The on-disk feature cache of the eval commands: one backbone pass per (checkpoint, dataset, transform).
 
-Extraction itself is the library's (`dinolike.evaluation.features`); this file only names a pass by
+Extraction itself is the library's (`dinolike.eval.features`); this file only names a pass by
 everything that determines it and keeps the result, so kNN, linear and logreg of one checkpoint share it.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dinolike.evaluation.features import FeatureSet, dist_info
+from dinolike.eval.features import FeatureSet, dist_info
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ the given workdir. Client commands find the cluster through the ``SLURM_CONF`` e
 
 Usage::
 
-    python -m launch.cluster start DIR   # prints `export SLURM_CONF=...`
-    python -m launch.cluster stop DIR
+    python -m slurm.cluster start DIR   # prints `export SLURM_CONF=...`
+    python -m slurm.cluster stop DIR
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pids import pid_alive, pid_is, terminate
-from .slurm_conf import NODE_NAME, PARTITION, write_configs
+from slurm.pids import pid_alive, pid_is, terminate
+from slurm.slurm_conf import NODE_NAME, PARTITION, write_configs
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
 # Binaries we need, mapped to the package that provides them (to decide whether to install).
@@ -380,7 +380,7 @@ def _start_daemons(cluster: Cluster, cpus: int, timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.cluster", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m slurm.cluster", description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--name", default="dinolike", help="SLURM ClusterName")

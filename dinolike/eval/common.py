@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from dinolike.config import BASE, CONFIG_DIR, ConfigError, find_config, load_config, load_schema
 from dinolike.data.datasets import DATASET_SPEC_HELP
 from dinolike.data.normalize import build_eval_transform, default_stats
-from dinolike.evaluation.features import FeatureError, FeatureSet, dist_info, extract_features
+from dinolike.eval.features import FeatureError, FeatureSet, dist_info, extract_features
 
 from .feature_cache import cached_features, dataset_fingerprint, path_fingerprint
 

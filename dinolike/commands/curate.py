@@ -1,4 +1,4 @@
-"""`python -m curation STEP --config configs/curation/X.yaml [key=value ...]` (also `dinolike curate ...`).
+"""`dinolike curate STEP --config configs/curation/X.yaml [key=value ...]` (also `python -m curation ...` from a checkout).
 
 Steps: embed, dedup, retrieve, sample, build, all; plus `demo` that writes a Fashion-MNIST pool with
 known duplicates to try the pipeline on. Every step is resumable: rerunning it skips finished work.
@@ -13,9 +13,9 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, check_config, load_config
-from .pipeline import STEPS, run_step
-from .store import StepOutputError, write_lines
+from dinolike.curation.config import ConfigError, check_config, load_config
+from dinolike.curation.pipeline import STEPS, run_step
+from dinolike.curation.store import StepOutputError, write_lines
 
 __all__ = ["build_parser", "main"]
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, cfg = validate(argv)
         if cfg is None:
-            from .demo import write_demo_pool
+            from dinolike.curation.demo import write_demo_pool
 
             truth = write_demo_pool(args.demo_out, n_originals=args.demo_n)
             print(json.dumps(truth["counts"]))
