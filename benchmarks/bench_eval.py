@@ -24,6 +24,7 @@ from dinolike.eval.features import FeatureSet  # noqa: E402
 from dinolike.eval.knn import knn_eval  # noqa: E402
 from dinolike.eval.linear import linear_probe  # noqa: E402
 from dinolike.eval.logreg import logreg_eval  # noqa: E402
+from dinolike.eval.settings import eval_settings  # noqa: E402
 
 # the random ViT baseline: the default recipe's architecture and initialisation, untrained
 RANDOM_ARGS = ["--config", "configs/fmnist_cpu.yaml"]
@@ -43,13 +44,14 @@ def speed(args: argparse.Namespace) -> None:
     train, test = _clustered(args.n_train, d, 10, 1, n_blocks=4), _clustered(args.n_test, d, 10, 2, n_blocks=4)
     for rep in range(args.repeats):
         t = time.perf_counter()
-        res = knn_eval(train.knn_features(), train.labels, test.knn_features(), test.labels)
+        res = knn_eval(train.knn_features(), train.labels, test.knn_features(), test.labels, eval_settings("knn"))
         print(
             f"knn {args.n_train}x{args.n_test} D={d} ks=10,20,100,200: {time.perf_counter() - t:.2f} s "
             f"(run {rep}, k20 top1 {res['k20_top1']:.2f})"
         )
     t = time.perf_counter()
-    res = linear_probe(train, test, lrs=[1e-4, 1e-3, 1e-2, 0.1], epochs=args.linear_epochs)
+    res = linear_probe(train, test, eval_settings("linear", lrs=[1e-4, 1e-3, 1e-2, 0.1], epochs=args.linear_epochs),
+                       seed=0, device="cpu")
     print(
         f"linear probe 4 lrs x 4 kinds, {args.linear_epochs} epochs over {args.n_train}: "
         f"{time.perf_counter() - t:.2f} s (test top1 {res['test_top1']:.2f})"
@@ -61,8 +63,8 @@ def speed(args: argparse.Namespace) -> None:
         train.labels[:n].numpy(),
         test.knn_features().numpy(),
         test.labels.numpy(),
-        cs=[0.01, 0.1, 1.0],
-        backend="sklearn",
+        eval_settings("logreg", cs=[0.01, 0.1, 1.0], backend="sklearn", max_iter=1000),
+        seed=0,
     )
     print(f"logreg 3 Cs on {n}x{d}: {time.perf_counter() - t:.2f} s (test top1 {res['test_top1']:.2f})")
 

@@ -39,11 +39,12 @@ from dinolike.data.datasets import build_dataset  # noqa: E402
 from dinolike.data.normalize import build_eval_transform  # noqa: E402
 from dinolike.eval.features import FeatureSet, extract_features  # noqa: E402
 from dinolike.eval.knn import knn_eval  # noqa: E402
+from dinolike.eval.linear import linear_probe  # noqa: E402
+from dinolike.eval.settings import eval_settings  # noqa: E402
 from dinolike.interop import load_pretrained  # noqa: E402
 from dinolike.training import checkpoint as ck  # noqa: E402
 from dinolike.training.checkpoint import resolve_checkpoint  # noqa: E402
 from dinolike.training.loop import train  # noqa: E402
-from dinolike.eval.linear import linear_probe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -132,9 +133,10 @@ def evaluate(ckpt: str, sizes: list[int], limit: int | None, linear: bool,
         train_f = features(model, "fmnist:train", size, limit, 4 if linear else 1)
         test_f = features(model, "fmnist:test", size, limit, 4 if linear else 1)
         res = {"knn": knn_eval(train_f.knn_features(), train_f.labels, test_f.knn_features(), test_f.labels,
-                               ks=(20,))["k20_top1"]}
+                               eval_settings("knn", ks=(20,)))["k20_top1"]}
         if linear:
-            res["linear"] = linear_probe(train_f, test_f, lrs=(1e-3, 1e-2, 0.1), epochs=10)["test_top1"]
+            settings = eval_settings("linear", lrs=(1e-3, 1e-2, 0.1), epochs=10)
+            res["linear"] = linear_probe(train_f, test_f, settings, seed=0, device="cpu")["test_top1"]
         out[size] = res
     return out
 

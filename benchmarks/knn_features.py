@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dinolike.eval.common import EvalSetup, add_common_args  # noqa: E402
+
 from dinolike.eval.features import FeatureSet  # noqa: E402
 from dinolike.eval.knn import knn_neighbours  # noqa: E402
-from dinolike.eval.common import EvalSetup, add_common_args  # noqa: E402
 
 CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 

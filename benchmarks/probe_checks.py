@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 from dinolike.data.datasets import build_dataset
 from dinolike.data.normalize import build_eval_transform
 from dinolike.eval.features import FeatureSet, extract_features
-from dinolike.interop import load_pretrained
 from dinolike.eval.linear import linear_probe
+from dinolike.eval.settings import eval_settings
+from dinolike.interop import load_pretrained
 
 MEAN, STD = (0.286,), (0.353,)  # Fashion-MNIST, as configs/fmnist_cpu.yaml
 HIGH_LRS = [0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
@@ -53,8 +54,7 @@ def main() -> None:
     both = FeatureSet(torch.cat([train.cls, flipped.cls]),  # [2N, L, D]
                       torch.cat([train.patch_mean, flipped.patch_mean]), torch.cat([train.labels, train.labels]))
     shipped = OmegaConf.load("configs/eval/base.yaml").eval.linear
-    base = {"lrs": list(shipped.lrs), "epochs": int(shipped.epochs), "standardize": bool(shipped.standardize),
-            "num_classes": 10}
+    base = {"lrs": list(shipped.lrs), "epochs": int(shipped.epochs), "standardize": bool(shipped.standardize)}
     variants = [
         ("shipped protocol", train, base),
         ("+ flipped train images", both, base),
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{args.backbone}\n\n| probe | head chosen (val) | val top-1 | test top-1 | seconds |\n|---|---|---|---|---|")
     for name, fit_set, kw in variants:
         t = time.perf_counter()
-        r = linear_probe(fit_set, test, **kw)
+        r = linear_probe(fit_set, test, eval_settings("linear", **kw), seed=0, device="cpu", num_classes=10)
         print(f"| {name} | {r['best_head']} | {r['val_top1']:.2f} | {r['test_top1']:.2f} | "
               f"{time.perf_counter() - t:.0f} |", flush=True)
 

@@ -13,18 +13,17 @@ import importlib
 import logging
 import sys
 
-
 # command -> (module with main(argv) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dinolike.commands.train", "pretrain (or run a high-res phase) from a config"),
     "distill": ("dinolike.commands.train", "distill a pretrained teacher into smaller students"),
     "eval": ("dinolike.commands.eval", "knn | linear | logreg evaluation of a checkpoint"),
-    "plot": ("dinolike.eval.plot", "PNG of the training curves of a run directory"),
-    "viz": ("dinolike.eval.viz", "PCA picture of patch features"),
+    "plot": ("dinolike.commands.plot", "PNG of the training curves of a run directory"),
+    "viz": ("dinolike.commands.viz", "PCA picture of patch features"),
     "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
     "embed": ("dinolike.commands.embed", "CLS (+ pooled patch) embeddings of a folder of images -> .npy / .parquet"),
-    "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
-    "submit": ("dinolike.launch.submit", "submit a job to SLURM through submitit"),
+    "bench": ("dinolike.commands.bench", "time the training step: img/s, breakdown, MFU"),
+    "submit": ("dinolike.commands.submit", "submit a job to SLURM through submitit"),
     "curate": ("dinolike.commands.curate", "curation steps: embed | dedup | retrieve | sample | build"),
     "pipeline": ("dinolike.commands.pipeline", "the whole flow: curate -> pretrain -> highres -> distill -> eval"),
 }

@@ -171,8 +171,10 @@ def load_config(
     schema_file: Path = BASE,
     schema: DictConfig | None = None,
     dropped: list[str] | None = None,
+    delta: Mapping[str, object] | None = None,
 ) -> DictConfig:
-    """Merged, read-only-schema config. `overrides` are `section.key=value` strings; the schema is
+    """Merged, read-only-schema config. `overrides` are `section.key=value` strings, then `delta` a nested
+    mapping (the Python API's keyword arguments), both checked like a file; the schema is
     `schema_file` (the training one by default; curation has its own) or, when given, `schema`.
     `dropped` (a list): keys of the file the schema does not know are left out and listed there instead
     of failing (a run's config.yaml written by another dinolike version); overrides stay strict."""
@@ -180,13 +182,15 @@ def load_config(
     cfg = schema.copy()
     OmegaConf.set_struct(cfg, True)
     if path is not None:
-        for delta, source in _read_yaml_chain(find_config(path)):
-            cfg = _merge_strict(cfg, delta, source, schema, dropped)
+        for part, source in _read_yaml_chain(find_config(path)):
+            cfg = _merge_strict(cfg, part, source, schema, dropped)
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"command-line overrides must be key=value, got: {' '.join(bad)}")
     if overrides:
         cfg = _merge_strict(cfg, OmegaConf.from_dotlist(list(overrides)), "the command line", schema)
+    if delta:
+        cfg = _merge_strict(cfg, OmegaConf.create(dict(delta)), "the call's arguments", schema)
     OmegaConf.set_struct(cfg, True)
     return cfg
 

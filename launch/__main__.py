@@ -2,7 +2,7 @@
 
 import sys
 
-from dinolike.launch.submit import main
+from dinolike.commands.submit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -144,7 +144,9 @@ def test_train_step_reads_nothing_back_to_the_host(monkeypatch) -> None:
 
 def test_bench_failures_are_one_line_errors(capsys) -> None:
     """A kernel that cannot run here (cuDNN attention on a CPU) or a bad value: one line, no traceback."""
-    main, smoke = command.main, str(SMOKE)
+    from dinolike.commands.bench import main
+
+    smoke = str(SMOKE)
     assert main(["--config", smoke, "--synthetic", "--iters", "1", "--warmup", "0", "--sdpa", "cudnn"]) == 1
     err = capsys.readouterr().err
     assert "dinolike bench: error: No viable backend" in err and "Traceback" not in err

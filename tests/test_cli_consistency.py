@@ -67,18 +67,17 @@ def test_errors_share_one_prefix(tmp_path: Path) -> None:
 
 
 def test_every_option_has_help() -> None:
+    from dinolike.commands.bench import build_parser as bench
     from dinolike.commands.curate import build_parser as curate
-    from dinolike.bench import build_parser as bench
+    from dinolike.commands.eval import build_parser as protocol
     from dinolike.commands.export import build_parser as export
+    from dinolike.commands.plot import build_parser as plot
+    from dinolike.commands.submit import build_parser as submit
     from dinolike.commands.train import build_parser as train
-    from dinolike.eval.protocols import build_parser as knn
-    from dinolike.eval.linear import build_parser as linear
-    from dinolike.eval.logreg import build_parser as logreg
-    from dinolike.eval.plot import build_parser as plot
-    from dinolike.eval.viz import build_parser as viz
-    from dinolike.launch.submit import build_parser as submit
+    from dinolike.commands.viz import build_parser as viz
 
-    parsers = [train("train"), train("distill"), bench(), export(), knn(), linear(), logreg(), plot(), viz(),
+    parsers = [train("train"), train("distill"), bench(), export(), protocol("knn"), protocol("linear"),
+               protocol("logreg"), plot(), viz(),
                curate(), submit()]
     for p in parsers:
         for action in p._actions:

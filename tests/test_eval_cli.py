@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dinolike.eval.knn import knn_eval
 from dinolike.commands.eval import main as eval_main
+from dinolike.commands.plot import main as plot_main
+from dinolike.commands.viz import main as viz_main
+from dinolike.eval.knn import knn_eval
 from dinolike.eval.plot import NCOLS, PANEL_H_IN, PANEL_W_IN
-from dinolike.eval.plot import main as plot_main
-from dinolike.eval.viz import main as viz_main
+from dinolike.eval.settings import eval_settings
 from dinolike.eval.viz import pca_rgb
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -65,7 +66,7 @@ def test_knn_pixels_on_fashion_mnist_matches_direct_computation(tmp_path, capsys
     te_x, te_y = _fmnist_pixels("test", 300)
     # per-pixel normalisation is an affine map, so compute the expected features the same way
     mean, std = 0.2860, 0.3530
-    ref = knn_eval((tr_x / 255 - mean) / std, tr_y, (te_x / 255 - mean) / std, te_y, ks=(5, 20))
+    ref = knn_eval((tr_x / 255 - mean) / std, tr_y, (te_x / 255 - mean) / std, te_y, eval_settings("knn", ks=(5, 20)))
     assert res["metrics"] == pytest.approx(ref)
     assert res["n_train"] == 2000 and res["n_test"] == 300 and res["feature_dim"] == 784
     assert res["metrics"]["k20_top1"] > 60.0  # pixels kNN on Fashion-MNIST is far above chance

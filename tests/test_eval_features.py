@@ -12,8 +12,8 @@ from PIL import Image
 from testkit import free_port
 
 from dinolike.data.normalize import build_eval_transform
-from dinolike.eval.features import FeatureSet, extract_features
 from dinolike.eval.feature_cache import cache_key, cached_features
+from dinolike.eval.features import FeatureSet, extract_features
 
 MEAN, STD = (0.2860,), (0.3530,)
 

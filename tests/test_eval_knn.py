@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dinolike.eval.knn import knn_eval, knn_neighbours
+from dinolike.eval.settings import eval_settings
 
 
 def _clusters(n_per: int, n_classes: int, dim: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,11 +29,12 @@ def test_clustered_features_with_known_label_noise_give_expected_accuracy() -> N
     flipped = torch.zeros(len(test_y), dtype=torch.bool)
     flipped[torch.randperm(len(test_y), generator=torch.Generator().manual_seed(1))[:100]] = True  # 25 %
     noisy_y = torch.where(flipped, (test_y + 3) % 8, test_y)
-    res = knn_eval(train_x, train_y, test_x, noisy_y, ks=(10, 20, 100), chunk=64, train_chunk=300)
+    res = knn_eval(train_x, train_y, test_x, noisy_y, eval_settings("knn", ks=(10, 20, 100), chunk=64),
+                   train_chunk=300)
     expected = 100.0 * (1 - flipped.float().mean().item())
     for k in (10, 20, 100):
         assert res[f"k{k}_top1"] == pytest.approx(expected)
-    clean = knn_eval(train_x, train_y, test_x, test_y, ks=(10,))
+    clean = knn_eval(train_x, train_y, test_x, test_y, eval_settings("knn", ks=(10,)))
     assert clean["k10_top1"] == pytest.approx(100.0)
 
 
@@ -70,9 +72,7 @@ def test_weighting_and_temperature_match_brute_force(temperature: float) -> None
         torch.from_numpy(train_y),
         torch.from_numpy(test_x).float(),
         torch.from_numpy(test_y),
-        ks=ks,
-        temperature=temperature,
-        chunk=17,
+        eval_settings("knn", ks=ks, temperature=temperature, chunk=17),
         train_chunk=45,  # several train chunks: exercises the running top-k merge
         num_classes=c,
     )
@@ -88,8 +88,8 @@ def test_temperature_changes_the_vote() -> None:
     train = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
     labels = torch.tensor([0, 1, 1])
     q = torch.tensor([[1.0, 0.05]])
-    sharp = knn_eval(train, labels, q, torch.tensor([0]), ks=(3,), temperature=0.07)
-    flat = knn_eval(train, labels, q, torch.tensor([0]), ks=(3,), temperature=10.0)
+    sharp = knn_eval(train, labels, q, torch.tensor([0]), eval_settings("knn", ks=(3,), temperature=0.07))
+    flat = knn_eval(train, labels, q, torch.tensor([0]), eval_settings("knn", ks=(3,), temperature=10.0))
     assert sharp["k3_top1"] == 100.0 and flat["k3_top1"] == 0.0
 
 
@@ -106,6 +106,6 @@ def test_neighbours_are_chunk_invariant() -> None:
 def test_bad_inputs_raise_clear_errors() -> None:
     x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
     with pytest.raises(ValueError, match="equal width"):
-        knn_eval(x, y, torch.randn(5, 3), y[:5])
+        knn_eval(x, y, torch.randn(5, 3), y[:5], eval_settings("knn"))
     with pytest.raises(ValueError, match="differ in length"):
-        knn_eval(x, y[:9], x, y)
+        knn_eval(x, y[:9], x, y, eval_settings("knn"))

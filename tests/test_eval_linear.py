@@ -9,6 +9,12 @@ import torch
 from dinolike.eval.features import FeatureSet
 from dinolike.eval.linear import head_kinds, linear_probe, pick_head, split_train_val, standardizer
 from dinolike.eval.logreg import logreg_eval
+from dinolike.eval.settings import eval_settings
+
+
+def _linear(**changes: object) -> object:
+    """The schema's linear-probe settings with `changes`; cpu_threads as the function default was (1)."""
+    return eval_settings("linear", **changes)
 
 
 def _separable(n: int, seed: int, n_classes: int = 5, dim: int = 16) -> FeatureSet:
@@ -24,7 +30,7 @@ def _separable(n: int, seed: int, n_classes: int = 5, dim: int = 16) -> FeatureS
 def test_linear_probe_learns_separable_features_and_picks_best_lr() -> None:
     train, test = _separable(3000, 0), _separable(1000, 1)
     lrs = [1e-7, 1e-2, 1.0]
-    res = linear_probe(train, test, lrs=lrs, epochs=8, batch_size=128, val_fraction=0.2, seed=0)
+    res = linear_probe(train, test, _linear(lrs=lrs, epochs=8, batch_size=128, val_fraction=0.2), seed=0, device="cpu")
     assert res["test_top1"] > 90.0
     assert res["n_val"] == 600 and res["n_fit"] == 2400
     heads = res["heads"]
@@ -43,8 +49,8 @@ def test_linear_probe_is_deterministic_and_pixels_have_one_head_kind() -> None:
     pix_train = FeatureSet(train.cls[:, -1:], None, train.labels)
     pix_test = FeatureSet(test.cls[:, -1:], None, test.labels)
     assert [k.name for k in head_kinds(pix_train, [1, 4], [False, True])] == ["blocks1"]
-    a = linear_probe(pix_train, pix_test, lrs=[0.1], epochs=2, seed=5)
-    b = linear_probe(pix_train, pix_test, lrs=[0.1], epochs=2, seed=5)
+    a = linear_probe(pix_train, pix_test, _linear(lrs=[0.1], epochs=2), seed=5, device="cpu")
+    b = linear_probe(pix_train, pix_test, _linear(lrs=[0.1], epochs=2), seed=5, device="cpu")
     assert a["test_top1"] == b["test_top1"] and a["heads"] == b["heads"]
 
 
@@ -64,8 +70,8 @@ def test_logreg_separable_features_and_c_sweep() -> None:
         train.labels.numpy(),
         test.cls[:, -1].numpy(),
         test.labels.numpy(),
-        cs=[1e-5, 1.0, 100.0],
-        backend="sklearn",
+        eval_settings("logreg", cs=[1e-5, 1.0, 100.0], backend="sklearn", max_iter=1000),
+        seed=0,
     )
     assert res["test_top1"] > 90.0
     by_c = {r["C"]: r["val_top1"] for r in res["sweep"]}
@@ -79,7 +85,8 @@ def test_logreg_handles_labels_missing_from_train_classes() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4)).astype(np.float32)
     y = np.where(x[:, 0] > 0, 2, 5)  # sparse class ids
-    res = logreg_eval(x, y, x[:50], np.full(50, 7), cs=[1.0], backend="sklearn")
+    res = logreg_eval(x, y, x[:50], np.full(50, 7), eval_settings("logreg", cs=[1.0], backend="sklearn", max_iter=1000),
+                      seed=0)
     assert res["test_top1"] == 0.0
 
 
@@ -94,9 +101,9 @@ def _badly_scaled(n: int, seed: int) -> FeatureSet:
 
 def test_standardizing_lets_sgd_use_a_tiny_informative_dimension() -> None:
     train, test = _badly_scaled(2000, 0), _badly_scaled(500, 1)
-    kw = {"lrs": [0.01], "epochs": 3, "batch_size": 64, "seed": 0}
-    plain = linear_probe(train, test, standardize=False, **kw)
-    scaled = linear_probe(train, test, standardize=True, **kw)
+    kw = {"lrs": [0.01], "epochs": 3, "batch_size": 64}
+    plain = linear_probe(train, test, _linear(standardize=False, **kw), seed=0, device="cpu")
+    scaled = linear_probe(train, test, _linear(standardize=True, **kw), seed=0, device="cpu")
     assert scaled["test_top1"] > 95.0
     assert plain["test_top1"] < 75.0  # the raw features' gradient on that dimension is ~1e-3 of the rest
 
@@ -109,7 +116,7 @@ def test_a_dimension_constant_in_the_fit_rows_is_left_unscaled() -> None:
     train, test = _separable(200, 0), _separable(300, 1)
     train.cls[:, :, 0] = 0.0
     test.cls[:, :, 0] = 50.0 * torch.sign(torch.randn(300, 4, generator=torch.Generator().manual_seed(2)))
-    res = linear_probe(train, test, lrs=[0.1], epochs=10, batch_size=32, seed=0)
+    res = linear_probe(train, test, _linear(lrs=[0.1], epochs=10, batch_size=32), seed=0, device="cpu")
     assert res["test_top1"] > 50.0  # ~20 % when the border pixel is divided by its ~0 spread
 
 
@@ -122,7 +129,8 @@ def test_heads_tied_on_validation_accuracy_are_told_apart_by_their_cross_entropy
         return FeatureSet((centres[labels] + torch.randn(n, 8, generator=g))[:, None], None, labels)
 
     train, test = clusters(400, 0), clusters(500, 1)
-    res = linear_probe(train, test, lrs=[1e-3, 1e-2, 0.1, 1.0], epochs=5, batch_size=64, val_fraction=0.1, seed=0)
+    res = linear_probe(train, test, _linear(lrs=[1e-3, 1e-2, 0.1, 1.0], epochs=5, batch_size=64, val_fraction=0.1),
+                       seed=0, device="cpu")
     top = max(h["val_top1"] for h in res["heads"])
     tied = [h for h in res["heads"] if h["val_top1"] == top]
     assert len(tied) > 1  # the situation the second key exists for

@@ -19,13 +19,13 @@ import pytest
 from faultlog import FAULTS, record, render
 from PIL import Image
 
-from dinolike.commands.curate import main as curate
+from dinolike.commands import submit
 from dinolike.commands import train as cli
+from dinolike.commands.curate import main as curate
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST, ImageFolder, load_image, read_image
 from dinolike.data.positions import SSLDataset
 from dinolike.training.loop import train
-from dinolike.launch import submit
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "fmnist_smoke.yaml"

@@ -6,7 +6,8 @@ import torch
 from dinolike.data.datasets import FashionMNIST
 from dinolike.eval.features import FeatureSet
 from dinolike.eval.fewlabel import FewLabelError, few_label_indices, mean_and_spread, per_class_counts, split_label
-from dinolike.eval.protocols import knn_eval
+from dinolike.eval.knn import knn_eval
+from dinolike.eval.settings import eval_settings
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_knn_with_few_shots_on_clustered_features_gives_the_expected_accuracy() 
     test = centres[test_labels] + 0.05 * torch.randn(len(test_labels), dim, generator=g)
     # well separated: one labelled image per class is enough
     idx = few_label_indices(labels, seed=0, shots=1)
-    assert knn_eval(feats[idx], labels[idx], test, test_labels, ks=(20,))["k20_top1"] == 100.0
+    assert knn_eval(feats[idx], labels[idx], test, test_labels, eval_settings("knn", ks=(20,)))["k20_top1"] == 100.0
     # classes 0 and 1 share a centre: with 5 shots each the vote between them is a coin toss per image,
     # the other 8 classes stay perfect -> 80 % + about half of the 10 % -> close to 90 %
     merged = labels.clone()
@@ -70,7 +71,7 @@ def test_knn_with_few_shots_on_clustered_features_gives_the_expected_accuracy() 
     test2 = centres[torch.where(test_labels == 1, 0, test_labels)] + 0.05 * torch.randn(len(test_labels), dim,
                                                                                      generator=g)
     idx = few_label_indices(merged, seed=0, shots=5)
-    acc = knn_eval(feats2[idx], merged[idx], test2, test_labels, ks=(20,))["k20_top1"]
+    acc = knn_eval(feats2[idx], merged[idx], test2, test_labels, eval_settings("knn", ks=(20,)))["k20_top1"]
     assert 84.0 <= acc <= 96.0, acc
 
 
@@ -117,13 +118,16 @@ def test_few_shot_linear_probe_on_fashion_mnist_pixels_does_not_pick_a_head_by_c
     scores = []
     for seed in range(3):
         idx = few_label_indices(train.labels, seed, shots=5)
-        res = linear_probe(train.subset(idx), test, lrs=lrs, epochs=30, min_steps=1000, stratify=True)
+        res = linear_probe(train.subset(idx), test, eval_settings("linear", lrs=lrs, epochs=30, min_steps=1000),
+                           seed=0, device="cpu", stratify=True)
         assert res["n_val"] == 0 and res["n_fit"] == 50 and res["best_lr"] == 1e-3, res["best_head"]
         scores.append(res["test_top1"])
     assert min(scores) > 57.0 and max(scores) - min(scores) < 6.0, scores  # raw-pixel kNN at 5 shots: ~57 %
     idx = few_label_indices(train.labels, 1, shots=5)
     lr = logreg_eval(train.cls[idx, 0].numpy(), train.labels[idx].numpy(), test.cls[:2000, 0].numpy(),
-                     test.labels[:2000].numpy(), cs=[0.01, 0.1, 1.0], stratify=True, backend="sklearn")
+                     test.labels[:2000].numpy(),
+                     eval_settings("logreg", cs=[0.01, 0.1, 1.0], backend="sklearn", max_iter=1000), seed=0,
+                     stratify=True)
     assert lr["sweep"] == [] and lr["best_C"] == 0.1 and lr["test_top1"] > 55.0
 
 

@@ -19,17 +19,18 @@ ROOTS = ("dinolike", "eval", "curation", "launch", "benchmarks")
 # the Python API's front door (dinolike.train / load / embed, imported from the commands on first use),
 # so it stands on the command floor, and no library module may import the bare package.
 FLOORS: dict[str, int] = {
-    "dinolike": 4, "dinolike.config": 0,  # the strict config loader: any floor reads configs
+    "dinolike": 5, "dinolike.config": 0,  # the strict config loader: any floor reads configs
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
     "dinolike.local_procs": 3, "dinolike.pipeline": 3,
     # the feature extraction + kNN that training's periodic eval needs
     "dinolike.eval.features": 3, "dinolike.eval.knn": 3, "dinolike.eval.spread": 3, "dinolike.eval.embed": 3,
+    "dinolike.eval.settings": 3,
     # the jobs, each a library function taking its config: eval protocols, curation steps, launching
     "dinolike.eval": 4, "dinolike.curation": 4, "dinolike.launch": 4, "dinolike.jobs": 4,
     # command shells on top: parse -> load config -> call a job; the checkout shims of eval/, curation/, launch/
-    "dinolike.cli": 5, "dinolike.commands": 5, "dinolike.bench": 5, "eval": 5, "curation": 5, "launch": 5,
+    "dinolike.cli": 5, "dinolike.commands": 5, "dinolike.bench": 4, "eval": 5, "curation": 5, "launch": 5,
     "benchmarks": 6,
 }
 IMPORT_CALLS = ("import_module",)

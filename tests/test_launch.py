@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from dinolike.launch import submit as sub
 from slurm.cluster import Cluster, ClusterUnavailable, start_cluster
+
+from dinolike.commands import submit as sub
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["--config", "configs/fmnist_smoke.yaml", "data.batch_size=8", "data.limit=64", "optim.epochs=2",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from testkit import SMOKE
 
-from dinolike.launch import submit as sub
+from dinolike.commands import submit as sub
 from dinolike.launch.task import EXIT_REQUEUE, LaunchTask, SignalGuard, resolve_entry
 
 SEEN: dict = {}

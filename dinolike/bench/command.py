@@ -1,4 +1,4 @@
-"""`dinolike bench --config FILE [key=value ...]`: time the real training step.
+"""Timing the real training step (`dinolike bench --config FILE [key=value ...]`, dinolike/commands/bench.py).
 
 It runs the loop's own `train_step` (dinolike/training/step.py), so what is timed is what trains, three ways:
 - phase by phase, the device synced around each phase: a step-time breakdown (data, teacher forward,
@@ -17,10 +17,8 @@ best matmul of several sizes measured on the same device in the same run, and th
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
-import json
 import resource
 import statistics
 import sys
@@ -34,7 +32,6 @@ from omegaconf import DictConfig
 from dinolike.bench.batches import loader_img_per_s, steps_img_per_s, synthetic_batch
 from dinolike.bench.device import (
     PEAK_SIZES,
-    SDPA_CHOICES,
     attention_kernel_that_ran,
     peak_matmul_flops,
     sdpa_context,
@@ -42,8 +39,6 @@ from dinolike.bench.device import (
     timed,
 )
 from dinolike.bench.flops import step_flops
-from dinolike.config import ConfigError, load_config
-from dinolike.training.validate import check_train_config
 
 
 def run_bench(cfg: DictConfig, iters: int, warmup: int, synthetic: bool = False, sdpa: str = "auto") -> dict:
@@ -232,56 +227,3 @@ def markdown_row(name: str, res: dict) -> str:
         f"| {'-' if ratio is None else f'{ratio:.3f}'} | {res['img_per_s']:.1f} "
         f"| {'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinolike bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="recipe yaml whose step is timed")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (allocator, kernels)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="random crops and masks made on the device once, no data pipeline")
-    p.add_argument("--sdpa", choices=SDPA_CHOICES, default="auto",
-                   help="SDPA kernel: torch's choice (auto) or only this one (an error where it cannot run)")
-    p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--json", help="also write the result here")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # overrides may follow options (scripts append)
-    if args.iters < 1 or args.warmup < 0:
-        print("dinolike bench: error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, ["run.progress=false", *args.overrides])
-        check_train_config(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"dinolike bench: error: {e}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        res = run_bench(cfg, args.iters, args.warmup, synthetic=args.synthetic, sdpa=args.sdpa)
-    except torch.OutOfMemoryError:  # the ViT-g batch ladder's expected end: one line, exit 1
-        print(f"dinolike bench: error: out of memory at batch {cfg.data.batch_size} per process", file=sys.stderr)
-        return 1
-    except RuntimeError as e:  # e.g. --sdpa flash where no flash kernel can run these inputs
-        print(f"dinolike bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
-    res["threads"] = torch.get_num_threads()
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.markdown:
-        print(MARKDOWN_HEADER)
-        print(markdown_row(args.config, res))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

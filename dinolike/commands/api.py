@@ -53,25 +53,23 @@ class TrainResult:
         return json.loads(res.read_text())["metrics"].get("k20_top1") if res.is_file() else None
 
 
-def _value(v: Any) -> str:
-    """A Python value as the command line's `key=value` spells it (YAML flow: JSON, but bare bools/null)."""
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ",".join(f"{k}: {_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, (os.PathLike, str)):
-        return json.dumps(os.fspath(v))  # quoted: "true" or "1" stays a string
-    return json.dumps(v)  # bool -> true, None -> null, numbers as they are
-
-
-def overrides_from(kwargs: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """`optim={"epochs": 3}` or `**{"optim.epochs": 3}` -> ["optim.epochs=3"]; a dict is a section."""
-    out = []
+def nested(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """`optim={"epochs": 3}` or `**{"optim.epochs": 3}` -> {"optim": {"epochs": 3}}: dotted keys split."""
+    out: dict[str, Any] = {}
     for key, v in kwargs.items():
-        if isinstance(v, Mapping) and not f"{prefix}{key}".startswith("distill.students"):
-            out += overrides_from(v, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={_value(v)}")
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _merge(node[leaf], dict(v)) if isinstance(v, Mapping) and isinstance(node.get(leaf), dict) else v
+    return out
+
+
+def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """`b` laid over `a`, section by section."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -87,18 +85,17 @@ def train(
     (`optim={"epochs": 3}`) or dotted keys (`**{"optim.epochs": 3}`), checked like the command line's.
     Run it again with the same arguments and it resumes from the newest checkpoint.
     """
-    from dinolike.commands.train import run, validate
     from dinolike.data.datasets import as_spec
+    from dinolike.jobs.train import train_config, train_job
 
-    argv = ["train", "--config", str(find_config(recipe)), f"run.output_dir={_value(Path(out_dir).absolute())}"]
+    delta: dict[str, Any] = {"run": {"output_dir": str(Path(out_dir).absolute())}}
     if data is not None:
         try:
-            argv.append(f"data.train={_value(as_spec(data))}")
+            delta["data"] = {"train": as_spec(data)}
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
-    argv += overrides_from(overrides)
-    cfg = validate(argv)
-    status = run(argv, cfg)
+    cfg = train_config(find_config(recipe), delta=_merge(delta, nested(overrides)))
+    status = train_job(cfg)
     if status != 0:
         raise TrainError(f"dinolike.train: the run stopped with exit status {status}; see its error above and "
                          f"{cfg.run.output_dir}/log.txt (run the same call again to resume)")

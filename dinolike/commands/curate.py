@@ -1,4 +1,4 @@
-"""`dinolike curate STEP --config configs/curation/X.yaml [key=value ...]` (also `python -m curation ...` from a checkout).
+"""`dinolike curate STEP --config configs/curation/X.yaml [key=value ...]` (`python -m curation ...` in a checkout).
 
 Steps: embed, dedup, retrieve, sample, build, all; plus `demo` that writes a Fashion-MNIST pool with
 known duplicates to try the pipeline on. Every step is resumable: rerunning it skips finished work.
@@ -13,6 +13,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
+from dinolike.commands.parsing import RaisingParser
 from dinolike.curation.config import ConfigError, check_config, load_config
 from dinolike.curation.pipeline import STEPS, run_step
 from dinolike.curation.store import StepOutputError, write_lines
@@ -20,8 +21,8 @@ from dinolike.curation.store import StepOutputError, write_lines
 __all__ = ["build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinolike curate", description=__doc__,
+def build_parser(parser: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser(prog="dinolike curate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("step", choices=[*STEPS, "all", "demo"], help="pipeline step to run")
     p.add_argument("--config", help="pipeline yaml (deltas on configs/curation/base.yaml)")
@@ -32,22 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def validate(argv: list[str] | None) -> tuple[argparse.Namespace, DictConfig | None]:
-    """The parsed command line and its checked config (None for `demo`), before any work; what `dinolike
-    submit curate` runs before submitting. Raises ConfigError; argparse exits on a malformed line."""
-    args = build_parser().parse_intermixed_args(argv)
+def config_of(args: argparse.Namespace) -> DictConfig | None:
+    """The checked curation config of a parsed command line (None for `demo`). Raises ConfigError."""
     if args.step == "demo":
-        return args, None
+        return None
     cfg = load_config(args.config, args.overrides)
     check_config(cfg, args.step)
-    return args, cfg
+    return cfg
+
+
+def validate(argv: list[str] | None) -> tuple[argparse.Namespace, DictConfig | None]:
+    """The parsed command line and its checked config (None for `demo`), before any work; what `dinolike
+    submit curate` runs before submitting. Raises ConfigError, for a malformed line too."""
+    args = build_parser(RaisingParser).parse_intermixed_args(argv)
+    return args, config_of(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _, cfg = validate(argv)
+        cfg = config_of(args)
         if cfg is None:
             from dinolike.curation.demo import write_demo_pool
 

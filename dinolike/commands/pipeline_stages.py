@@ -1,5 +1,6 @@
-"""The pipeline's stages: each runs the existing command (`dinolike curate`, `train`, `distill`, `eval`) on
-the previous stage's output, with the recipe and overrides the pipeline config names.
+"""The pipeline's stages: each calls the job of an existing command (`dinolike curate`, `train`, `distill`,
+`eval`) in this process, on the previous stage's output, with the recipe and overrides the pipeline
+config names.
 
 A stage is built (config resolved and checked) before anything runs, so a typo in the eval overrides
 fails in the first second, not after pretraining. What a stage reads from the stages before it is only
@@ -12,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.commands.train import main as train_main
+from dinolike.commands.train import run_job
 from dinolike.config import OPERATIONAL, ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
@@ -161,26 +162,24 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
     bad = [b for b in sec.baselines if b not in BASELINES]
     if bad:
         raise ConfigError(f"eval.baselines must be a subset of {list(BASELINES)}, got {list(sec.baselines)}")
-    protocols = [shlex.split(str(p)) for p in sec.protocols]
-    if not protocols or any(not p for p in protocols):
+    if not sec.protocols:
         raise ConfigError(f"eval.protocols must list `dinolike eval` command lines, got {list(sec.protocols)}")
     overrides = [str(o) for o in sec.overrides]
-    from dinolike.commands import eval as evals
-    for words in protocols:  # each line parsed and checked now, not after hours of training
-        if words[0] not in evals.PROTOCOLS:
-            raise ConfigError(f"eval.protocols: {' '.join(words)!r}: the protocol must be one of "
-                              f"{', '.join(evals.PROTOCOLS)}")
+    from dinolike.commands.eval import config_of, parse_protocol_line
+    from dinolike.eval.config import EvalError
+
+    for line in map(str, sec.protocols):  # each line parsed and checked now, not after hours of training
         try:
-            evals.validate([*words, "--pretrained", "pixels"])
-        except SystemExit:  # argparse has printed what it did not understand
-            line = " ".join(words)
-            raise ConfigError(f"eval.protocols: {line!r} is not a valid `dinolike eval` command line") from None
-        except ConfigError as e:
-            raise ConfigError(f"eval.protocols: {' '.join(words)!r}: {e}") from None
-    from dinolike.eval import common
+            _, args = parse_protocol_line(line)
+            args.pretrained, args.config = "pixels", None
+            config_of(args)
+        except (ConfigError, EvalError) as e:
+            raise ConfigError(f"eval.protocols: {line!r}: {e}") from None
+    from dinolike.eval.config import RANDOM, resolve_config
+
     try:  # the eval commands' strict config (a model's: data.mean / std may be set): a typo fails now
-        common.resolve_config(common.RANDOM, "vit_small", overrides)
-    except common.EvalError as e:
+        resolve_config(RANDOM, "vit_small", overrides)
+    except EvalError as e:
         raise ConfigError(f"eval.overrides: {e}") from None
     resolved = OmegaConf.to_container(sec, resolve=True)
     resolved.pop("launch")  # where the job runs does not change the results
@@ -291,21 +290,45 @@ def run_curate_demo(out: Path, cfg: DictConfig) -> int:
     demo, n = stage_dir(out, "curate") / "demo", int(cfg.curate.demo)
     if n <= 0 or (demo / "truth.json").is_file():
         return 0
-    from dinolike.commands import curate as curate_cli
-    return curate_cli.main(["demo", "--demo-out", str(demo), "--demo-n", str(n)])
+    from dinolike.curation.demo import write_demo_pool
+
+    truth = write_demo_pool(demo, n_originals=n)
+    print(json.dumps(truth["counts"]))
+    return 0
 
 
 def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
-    rc = run_curate_demo(out, cfg)
-    from dinolike.commands import curate as curate_cli
-    return rc or curate_cli.main(["all", "--config", str(stage.config_file), *stage.overrides])
+    """Every curation step (`dinolike curate all`), in this process."""
+    from dinolike.curation.config import check_config
+    from dinolike.curation.config import load_config as curation_config
+    from dinolike.curation.pipeline import run_step
+    from dinolike.curation.store import StepOutputError, write_lines
+
+    run_curate_demo(out, cfg)
+    try:
+        cur = curation_config(stage.config_file, stage.overrides)
+        check_config(cur, "all")
+        result = run_step(cur, "all")
+        write_lines(f"{cur.work_dir}/config.yaml", OmegaConf.to_yaml(cur).splitlines())
+    except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:
+        print(f"dinolike curate: error: all: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    return 0
 
 
 def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
+    """The training job, in this process (it starts its own worker processes when the recipe asks)."""
+    from dinolike.jobs.train import train_config
+
     del out, cfg
     command = "distill" if stage.name == "distill" else "train"
-    # in this process; the command starts its own worker processes when the recipe asks for them
-    return train_main([command, "--config", str(stage.config_file), *stage.overrides])
+    try:
+        train_cfg = train_config(stage.config_file, stage.overrides, distill=command == "distill")
+    except ConfigError as e:
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
+        return 2
+    return run_job(train_cfg, command)
 
 
 def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
@@ -320,31 +343,38 @@ def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
 def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
     """Every protocol line on every exported backbone and baseline; results.json collects them."""
     sec, here = cfg.eval, stage_dir(out, "eval")
-    models: dict[str, tuple[str, list[str]]] = {b: (b, []) for b in sec.baselines}
+    from dinolike.commands.eval import config_of, parse_protocol_line
+    from dinolike.eval.config import EvalError, set_job
+    from dinolike.eval.features import FeatureError
+    from dinolike.eval.protocols import PROTOCOLS as JOBS
+
+    models: dict[str, tuple[str, str | None]] = {b: (b, None) for b in sec.baselines}
     if "random" in models:  # the architecture of the first trained model, untrained
-        models["random"] = ("random", ["--config", str(stage_dir(out, stage.upstream[0]) / "config.yaml")])
-    models.update({m: (str(p), []) for m, p in inputs(out, stage).items()})
-    common = ["--train-dataset", str(sec.train_dataset), "--val-dataset", str(sec.val_dataset),
-              "--cache-dir", str(out / "cache" / "features"), "--no-progress"]
-    common += ["--limit-train", str(sec.limit_train)] if int(sec.limit_train) > 0 else []
-    common += ["--limit-val", str(sec.limit_val)] if int(sec.limit_val) > 0 else []
-    from dinolike.commands.eval import main
+        models["random"] = ("random", str(stage_dir(out, stage.upstream[0]) / "config.yaml"))
+    models.update({m: (str(p), None) for m, p in inputs(out, stage).items()})
+    shared = {"train_dataset": str(sec.train_dataset), "val_dataset": str(sec.val_dataset),
+              "cache_dir": str(out / "cache" / "features"), "progress": False,
+              "limit_train": int(sec.limit_train) if int(sec.limit_train) > 0 else None,
+              "limit_val": int(sec.limit_val) if int(sec.limit_val) > 0 else None}
     table: dict[str, dict[str, Any]] = {}
-    for model, (pretrained, extra) in models.items():
+    for model, (pretrained, run_config) in models.items():
         table[model] = {"pretrained": os.path.relpath(pretrained, out) if os.sep in pretrained else pretrained}
         for line in map(str, sec.protocols):
-            words = shlex.split(line)
-            folder = here / model / "_".join(w.lstrip("-") for w in words)
+            protocol, args = parse_protocol_line(line)
+            folder = here / model / "_".join(w.lstrip("-") for w in line.split())
             result = folder / "results.json"
             if not result.is_file():  # a rerun of the same stage (same fingerprint) keeps finished evals
                 opts = [o for o in stage.overrides if pretrained != "pixels" or o.startswith("eval.")]
-                argv = [*words, "--pretrained", pretrained, *extra, "--output-dir", str(folder), *common, *opts]
-                rc = main(argv)
-                if rc:
-                    log.error("eval %s on %s failed (exit %d)", line, model, rc)
-                    return rc
+                args.pretrained, args.config, args.opts = pretrained, run_config, [*args.opts, *opts]
+                try:
+                    ecfg = config_of(args)
+                    set_job(ecfg, {**shared, "output_dir": str(folder)})
+                    JOBS[protocol](ecfg)
+                except (EvalError, FeatureError, FileNotFoundError) as e:
+                    log.error("eval %s on %s failed: %s", line, model, e)
+                    return 2
             res = json.loads(result.read_text())
-            table[model][line] = {"top1": _headline(words[0], res["metrics"]), "n_train": res["n_train"],
+            table[model][line] = {"top1": _headline(protocol, res["metrics"]), "n_train": res["n_train"],
                                   "n_test": res["n_test"], "resolution": res.get("resolution")}
     doc = {"protocols": [str(p) for p in sec.protocols], "train_dataset": sec.train_dataset,
            "val_dataset": sec.val_dataset, "models": table}

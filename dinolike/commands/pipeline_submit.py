@@ -16,10 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dinolike.launch import submit as launch_submit
-from dinolike.launch.task import LaunchTask
 from dinolike.commands.pipeline_stages import Stage, begin_stage, build_stages, run_curate_demo, stage_fingerprint
 from dinolike.config import ConfigError
+from dinolike.launch import submit as launch_submit
+from dinolike.launch.task import LaunchTask
 from dinolike.pipeline.lineage import up_to_date
 
 

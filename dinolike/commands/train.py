@@ -1,23 +1,24 @@
-"""`dinolike train|distill --config FILE [key=value ...]`."""
+"""`dinolike train|distill --config FILE [key=value ...]`: parse, build the checked config
+(`dinolike.jobs.train.train_config`), run the job (`dinolike.jobs.train.train_job`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dinolike.config import CONFIG_DIR, ConfigError, load_config
-from dinolike.dist import launcher
-from dinolike.local_procs import CHILD_ENV, run_local
-from dinolike.training.rundir import check_output_dir
+from dinolike.commands.parsing import RaisingParser
+from dinolike.config import ConfigError
+from dinolike.jobs.train import grey_scale_warning, train_config, train_job
+from dinolike.local_procs import CHILD_ENV
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"dinolike {command}", description=__doc__)
+def build_parser(command: str, parser: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                 ) -> argparse.ArgumentParser:
+    p = parser(prog=f"dinolike {command}", description=__doc__)
     p.add_argument("--config", help="recipe yaml (a delta on configs/base.yaml): a path, or the name of a recipe "
                    "shipped with dinolike (fmnist_smoke.yaml, folder_vits14.yaml, ...)")
     if command == "distill":
@@ -26,47 +27,35 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    command = argv[0]
-    return command, build_parser(command).parse_intermixed_args(argv[1:])
-
-
-def missing_config_message() -> str:
-    """No --config: base.yaml alone is the ViT-L schema (125k iterations of 224 px crops), never what a user
-    meant, so name the recipes instead of starting it."""
-    recipes = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name != "base.yaml")
-    return ("give a recipe with --config FILE, e.g. --config fmnist_cpu.yaml (the CPU main job) or "
-            f"--config folder_vits14.yaml (your images, one GPU); shipped (by name from any folder): "
-            f"{', '.join(recipes)}")
-
-
-def validate(argv: list[str]) -> DictConfig:
-    """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
-    runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
-    from dinolike.training.validate import check_train_config
-
-    command, args = parse(argv)
-    if not args.config:
-        raise ConfigError(missing_config_message())
+def config_of(command: str, args: argparse.Namespace) -> DictConfig:
+    """The checked config of a parsed command line. Raises ConfigError."""
     overrides = list(args.overrides)
     if command == "distill" and args.teacher:
         overrides.append(f"distill.teacher={args.teacher}")
-    cfg = load_config(args.config, overrides)
-    if command == "distill" and not cfg.distill.teacher:
-        raise ConfigError("give the teacher checkpoint (--teacher CKPT or distill.teacher=...)")
-    check_train_config(cfg)
-    return cfg
+    return train_config(args.config, overrides, distill=command == "distill")
+
+
+def validate(argv: list[str]) -> DictConfig:
+    """The merged config of `train|distill ARGS`, checked before any work (what `dinolike submit` runs
+    before submitting). Raises ConfigError, for a malformed command line too."""
+    command = argv[0]
+    return config_of(command, build_parser(command, RaisingParser).parse_intermixed_args(argv[1:]))
 
 
 def main(argv: list[str]) -> int:
     command = argv[0]
+    args = build_parser(command).parse_intermixed_args(argv[1:])
     try:
-        cfg = validate(argv)
-        if os.environ.get(CHILD_ENV) != "1":  # once, here, before any child process starts
-            check_output_dir(Path(cfg.run.output_dir))
+        cfg = config_of(command, args)
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
+    return run_job(cfg, command)
+
+
+def run_job(cfg: DictConfig, command: str = "train") -> int:
+    """`train_job(cfg)` with the command's handling of its failures: one line on stderr and an exit status
+    (what the pipeline's train stages run too)."""
     if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
         print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
     from dinolike.data.datasets import DataError
@@ -76,7 +65,7 @@ def main(argv: list[str]) -> int:
     from dinolike.training.loop import NonFiniteLossError
 
     try:
-        return run(argv, cfg)
+        return train_job(cfg, command)
     except (NonFiniteLossError, NonFiniteStateError, CollapseError, RunWriteError) as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 1
@@ -97,69 +86,3 @@ def main(argv: list[str]) -> int:
               f"{Path(cfg.run.output_dir) / 'checkpoints'} (if any) is intact: run the same command to resume",
               file=sys.stderr)
         return 130
-
-
-def run(argv: list[str], cfg: DictConfig) -> int:
-    """Run `dinolike train|distill ARGV` whose checked config is `cfg` (from `validate(argv)`): in this
-    process, or as `dist.local_processes` processes it starts and supervises; then the final kNN. Returns
-    the exit status; the training errors (a non-finite loss, a collapse, a bad dataset ...) are raised."""
-    from dinolike.training.loop import train
-
-    local_child = os.environ.get(CHILD_ENV) == "1"
-    n_local = cfg.dist.local_processes
-    if n_local > 1 and launcher() == "single":
-        status = run_local(argv, n_local)
-        if status == 0 and cfg.eval.final_knn:
-            return final_knn(cfg)  # once, here: the children leave it to this parent
-        return status
-    if n_local > 1 and not local_child:
-        logging.getLogger("dinolike.train").info(
-            "dist.local_processes=%d ignored: torchrun/SLURM started this job's processes", n_local)
-    status = train(cfg)
-    if status == 0 and cfg.eval.final_knn and not local_child:
-        return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
-    return status
-
-
-def grey_scale_warning(cfg: DictConfig) -> str | None:
-    """A warning when a 1-channel recipe (made for 28 px Fashion-MNIST) is about to train on photos: the
-    first image of data.train is colour, or larger than the global crop. None for grey-scale images of
-    the crop's size (Fashion-MNIST itself, or its images as files: a manifest, the curation demo pool)."""
-    from dinolike.data.datasets import first_image
-
-    if cfg.model.in_chans != 1 or str(cfg.data.train).startswith("fmnist"):
-        return None
-    found = first_image(str(cfg.data.train))
-    if found is None:  # unreadable or no image: training reports it, in its own words
-        return None
-    path, mode, size = found
-    crop = int(cfg.crops.global_size)
-    if mode in ("1", "L", "LA", "I", "I;16", "F") and max(size) <= crop:
-        return None
-    return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
-            f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
-            "configs/folder_vits14.yaml")
-
-
-def final_knn(cfg: DictConfig) -> int:
-    """The full kNN evaluation of the exported teacher, printed as a table at the end of the run (and into
-    its log.txt, by rank 0)."""
-    from dinolike.training.tracking import RunLog
-
-    from dinolike.eval.protocols import main as knn_main
-    out = Path(cfg.run.output_dir)
-    with RunLog(out, is_main=os.environ.get("RANK", "0") == "0"):
-        print("\nkNN evaluation of the trained backbone:", file=sys.stderr)
-        try:
-            return knn_main([
-                "--pretrained", str(out / "teacher_backbone.pth"),
-                "--config", str(out / "config.yaml"),
-                "--train-dataset", cfg.eval.final_train,
-                "--val-dataset", cfg.eval.final_val,
-                "--output-dir", str(out / "eval_knn"),
-            ])
-        except KeyboardInterrupt:
-            print(f"\ninterrupted during the final kNN; training is complete ({out / 'teacher_backbone.pth'}): "
-                  f"`dinolike eval knn --pretrained {out / 'teacher_backbone.pth'}` evaluates it later",
-                  file=sys.stderr)
-            return 130

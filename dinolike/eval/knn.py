@@ -1,18 +1,17 @@
 """Weighted k-nearest-neighbour classification on frozen features (the DINO / DINOv2 kNN protocol).
 
-Free of any model or dataset code: training's periodic kNN and the `eval knn` command (`eval/knn.py`,
-which adds checkpoints, datasets, the feature cache and result files) both call `knn_eval`.
+Free of any model or dataset code: training's periodic kNN and the kNN protocol (`dinolike/eval/protocols.py`,
+which adds checkpoints, datasets, the feature cache and result files) both call `knn_eval` with the
+`eval.knn` settings of the eval schema (`KnnConfig`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DEFAULT_KS: tuple[int, ...] = (10, 20, 100, 200)
+from dinolike.eval.settings import KnnConfig
 
 
 def _merge_topk(best_sim: Tensor, best_idx: Tensor, sim: Tensor, offset: int, k: int) -> tuple[Tensor, Tensor]:
@@ -59,9 +58,8 @@ def knn_eval(
     train_labels: Tensor,
     test_feats: Tensor,
     test_labels: Tensor,
-    ks: Sequence[int] = DEFAULT_KS,
-    temperature: float = 0.07,
-    chunk: int = 1024,
+    settings: KnnConfig,
+    *,
     num_classes: int | None = None,
     train_chunk: int = 65536,
 ) -> dict[str, float]:
@@ -74,6 +72,7 @@ def knn_eval(
 
     Returns {"k10_top1": ..., "k10_top5": ..., ...} for every k in ks (k is capped at the train size).
     """
+    ks, temperature, chunk = settings.ks, settings.temperature, settings.chunk
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(
             f"knn_eval expects 2-D features of equal width, got train {tuple(train_feats.shape)} "

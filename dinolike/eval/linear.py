@@ -7,9 +7,7 @@ the best head is chosen on a validation split held out from train and only then 
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dinolike.eval.features import FeatureSet
+from dinolike.eval.settings import LinearConfig
 
 
 @dataclass(frozen=True)
@@ -159,30 +158,19 @@ class _HeadBank:
 def linear_probe(
     train: FeatureSet,
     test: FeatureSet,
+    settings: LinearConfig,
     *,
-    lrs: Sequence[float] = (1e-4, 1e-3, 1e-2, 0.1),
-    n_last_blocks: Sequence[int] = (1, 4),
-    avgpool: Sequence[bool] = (False, True),
-    epochs: int = 10,
-    batch_size: int = 256,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    num_classes: int | None = None,
-    device: str | torch.device = "cpu",
-    cpu_threads: int | None = 1,
-    min_steps: int = 0,
+    seed: int,
+    device: str | torch.device,
     stratify: bool = False,
-    standardize: bool = True,
-    min_val_per_class: int = 5,
+    num_classes: int | None = None,
 ) -> dict[str, Any]:
     """Train every (lr, input kind) head with cross-entropy, SGD + cosine decay; report the best one.
 
     Loss per head: CE(W^T x + b, y) = -log softmax(W^T x + b)_y averaged over the batch; the heads'
     losses are summed, which leaves each head's gradient exactly its own. Learning rates are scaled by
     batch_size / 256 (DINOv2). Accuracies are percentages.
-    On CPU the torch thread pool is capped at cpu_threads while training: every step is a handful of
+    On CPU the torch thread pool is capped at `settings.cpu_threads` while training: every step is a handful of
     small matmuls, and thread synchronisation costs more than it gains (3x slower with 2 threads on a
     busy 2-core machine). None keeps torch's setting.
     A few-label split trains for at least `min_steps` SGD steps (10 epochs of 100 images would be 10
@@ -191,28 +179,29 @@ def linear_probe(
     head is the grid's default: most blocks (+ pooled patches), middle lr.
     `standardize` z-scores every input dimension with the fit rows' statistics (see `standardizer`).
     """
+    st = settings
     prev_threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu" and cpu_threads:
-        torch.set_num_threads(min(cpu_threads, prev_threads))
+    if torch.device(device).type == "cpu" and st.cpu_threads:
+        torch.set_num_threads(min(st.cpu_threads, prev_threads))
     try:
         return _linear_probe(
             train,
             test,
-            lrs=lrs,
-            n_last_blocks=n_last_blocks,
-            avgpool=avgpool,
-            epochs=epochs,
-            batch_size=batch_size,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            val_fraction=val_fraction,
+            lrs=st.lrs,
+            n_last_blocks=st.n_last_blocks,
+            avgpool=st.avgpool,
+            epochs=st.epochs,
+            batch_size=st.batch_size,
+            momentum=st.momentum,
+            weight_decay=st.weight_decay,
+            val_fraction=st.val_fraction,
             seed=seed,
             num_classes=num_classes,
             device=device,
-            min_steps=min_steps,
+            min_steps=st.min_steps if stratify else 0,  # the floor is for few-label splits only
             stratify=stratify,
-            standardize=standardize,
-            min_val_per_class=min_val_per_class,
+            standardize=st.standardize,
+            min_val_per_class=st.min_val_per_class,
         )
     finally:
         torch.set_num_threads(prev_threads)
@@ -350,81 +339,3 @@ def _linear_probe(
         "n_val": len(va_idx),
         "heads": heads,
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .common import add_common_args
-
-    p = argparse.ArgumentParser(
-        prog="dinolike eval linear",
-        description="DINOv2-style linear probe (grid of heads; best chosen on a held-out split of train).",
-    )
-    add_common_args(p)
-    return p
-
-
-def run(args: argparse.Namespace) -> dict:
-    from .common import EvalSetup, probe_headline
-
-    setup = EvalSetup.from_args(args)
-    lc = setup.cfg.eval.linear
-    train, test = (
-        setup.features(args.train_dataset, args.limit_train),
-        setup.features(args.val_dataset, args.limit_val),
-    )
-    t = setup.timer()
-
-    def fit(tr: FeatureSet) -> dict[str, Any]:
-        return linear_probe(
-            tr,
-            test,
-            lrs=[float(x) for x in lc.lrs],
-            n_last_blocks=[int(x) for x in lc.n_last_blocks],
-            avgpool=[bool(x) for x in lc.avgpool],
-            epochs=int(lc.epochs),
-            batch_size=int(lc.batch_size),
-            momentum=float(lc.momentum),
-            weight_decay=float(lc.weight_decay),
-            val_fraction=float(lc.val_fraction),
-            seed=int(setup.cfg.eval.seed),
-            num_classes=setup.num_classes(train, test),
-            device=setup.device,
-            cpu_threads=None if lc.cpu_threads is None else int(lc.cpu_threads),
-            min_steps=int(lc.min_steps) if setup.few_label else 0,
-            stratify=setup.few_label,
-            standardize=bool(lc.standardize),
-            min_val_per_class=int(lc.min_val_per_class),
-        )
-
-    res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
-    if few is not None:
-        return setup.finish("linear", res, few_rows, extra={"few_label": few, "protocol_seconds": t()},
-                            train=train, test=test)
-    heads = res.pop("heads")
-    # one table row per input kind: its best learning rate on the validation split
-    rows = []
-    for kind in sorted({(h["n_last_blocks"], h["avgpool"]) for h in heads}):
-        hk = [h for h in heads if (h["n_last_blocks"], h["avgpool"]) == kind]
-        b = pick_head(hk)
-        chosen = b["head"] == res["best_head"]
-        rows.append(
-            {
-                "blocks": kind[0],
-                "avgpool": kind[1],
-                "best lr": b["lr"],
-                "val top1": b["val_top1"],
-                "test top1": res["test_top1"] if chosen else "",
-                "test top5": res["test_top5"] if chosen else "",
-            }
-        )
-    return setup.finish("linear", res, rows, extra={"heads": heads, "protocol_seconds": t()}, train=train, test=test)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .common import run_cli
-
-    return run_cli(build_parser(), run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,9 +7,7 @@ a GPU is present, as the issue asks, since it is much faster for large feature s
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from dinolike.eval.features import FeatureSet
+from dinolike.eval.settings import LogregConfig
 
 from .linear import pick_head, split_train_val, standardizer
 
@@ -65,16 +64,10 @@ def logreg_eval(
     train_y: np.ndarray,
     test_x: np.ndarray,
     test_y: np.ndarray,
+    settings: LogregConfig,
     *,
-    cs: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0),
-    max_iter: int = 1000,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    standardize: bool = True,
-    backend: str = "auto",
-    blas_threads: int | None = 1,
+    seed: int,
     stratify: bool = False,
-    min_val_per_class: int = 5,
 ) -> dict[str, Any]:
     """Multinomial L2 logistic regression: minimise  sum_i -log softmax(W x_i + b)_{y_i} + ||W||^2 / (2C).
 
@@ -89,20 +82,21 @@ def logreg_eval(
     """
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
+    st = settings
+    with threadpool_limits(limits=st.blas_threads, user_api="blas"):
         return _logreg_eval(
             train_x,
             train_y,
             test_x,
             test_y,
-            cs=cs,
-            max_iter=max_iter,
-            val_fraction=val_fraction,
+            cs=st.cs,
+            max_iter=st.max_iter,
+            val_fraction=st.val_fraction,
             seed=seed,
-            standardize=standardize,
-            backend=backend,
+            standardize=st.standardize,
+            backend=st.backend,
             stratify=stratify,
-            min_val_per_class=min_val_per_class,
+            min_val_per_class=st.min_val_per_class,
         )
 
 
@@ -180,71 +174,3 @@ def _logreg_eval(
 def logreg_features(feats: FeatureSet) -> np.ndarray:
     """The representation the protocol fits: the final normalised CLS token (or the raw pixels)."""
     return feats.knn_features().float().numpy()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .common import add_common_args
-
-    p = argparse.ArgumentParser(
-        prog="dinolike eval logreg", description="Logistic regression on frozen features, sweeping C."
-    )
-    add_common_args(p)
-    return p
-
-
-def run(args: argparse.Namespace) -> dict:
-    from .common import EvalSetup, probe_headline
-
-    setup = EvalSetup.from_args(args)
-    lc = setup.cfg.eval.logreg
-    train, test = (
-        setup.features(args.train_dataset, args.limit_train),
-        setup.features(args.val_dataset, args.limit_val),
-    )
-    t = setup.timer()
-    test_x, test_y = logreg_features(test), test.labels.numpy()
-
-    def fit(tr: FeatureSet) -> dict[str, Any]:
-        return logreg_eval(
-            logreg_features(tr),
-            tr.labels.numpy(),
-            test_x,
-            test_y,
-            cs=[float(c) for c in lc.cs],
-            max_iter=int(lc.max_iter),
-            val_fraction=float(lc.val_fraction),
-            seed=int(setup.cfg.eval.seed),
-            standardize=bool(lc.standardize),
-            backend=str(lc.backend),
-            blas_threads=None if lc.blas_threads is None else int(lc.blas_threads),
-            stratify=setup.few_label,
-            min_val_per_class=int(lc.min_val_per_class),
-        )
-
-    res, few_rows, few = setup.over_label_splits(train, fit, probe_headline)
-    if few is not None:
-        return setup.finish("logreg", res, few_rows, extra={"few_label": few, "protocol_seconds": t()},
-                            train=train, test=test)
-    sweep = res.pop("sweep")
-    rows = [
-        {
-            "C": r["C"],
-            "val top1": r["val_top1"],
-            "test top1": res["test_top1"] if r["C"] == res["best_C"] else "",
-            "test top5": res["test_top5"] if r["C"] == res["best_C"] else "",
-            "iters": r["n_iter"],
-            "fit s": r["seconds"],
-        }
-        for r in sweep
-    ]
-    return setup.finish("logreg", res, rows, extra={"sweep": sweep, "protocol_seconds": t()}, train=train, test=test)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .common import run_cli
-
-    return run_cli(build_parser(), run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,11 +6,9 @@ run (a loss term that explodes, a schedule that is off) is visible at a glance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -147,26 +145,3 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None, dpi: int = 1
     fig.savefig(out_path, dpi=dpi)
     plt.close(fig)
     return out_path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinolike plot", description="Plot training curves of a run directory.")
-    p.add_argument("run_dir", help="run directory holding metrics.jsonl")
-    p.add_argument("--out", default=None, help="output PNG (default: RUN_DIR/curves.png)")
-    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (pixels per inch)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        path = plot_curves(args.run_dir, args.out, args.dpi)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"dinolike plot: error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

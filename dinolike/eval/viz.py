@@ -1,4 +1,4 @@
-"""`dinolike viz --pretrained CKPT IMAGES...`: the DINOv2 paper's PCA picture of patch features.
+"""The DINOv2 paper's PCA picture of patch features (`dinolike viz --pretrained CKPT IMAGES...`).
 
 PCA over the patches of all given images jointly; the first component separates foreground from
 background (thresholded), a second PCA on the foreground patches gives three components shown as RGB.
@@ -7,15 +7,13 @@ Matching colours across images = matching parts, which is the qualitative check 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -120,76 +118,31 @@ def _label(canvas: Image.Image, xy: tuple[int, int], text: str) -> None:
     draw.text((xy[0] + 2, xy[1] + 1), text, fill=(255, 255, 255))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinolike viz", description="PCA picture of patch features (DINOv2 Fig. 1).")
-    p.add_argument("--pretrained", required=True, help="checkpoint, or 'random' (with --config)")
-    p.add_argument("--config", default=None, help="run config YAML or arch preset")
-    p.add_argument("--which", default="teacher", choices=["teacher", "student"],
-                   help="model of a training checkpoint (default: the EMA teacher)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="input size, rounded up to the patch size (default: the size the model was trained at)")
-    p.add_argument("--tile", type=int, default=224, help="pixels per tile in the output grid")
-    p.add_argument("--threshold", type=float, default=0.0, help="foreground threshold on scaled PC1 in [-1,1]")
-    p.add_argument("--out", default="pca.png", help="output PNG")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_OVERRIDE",
-                   help="image files, and section.key=value overrides as in every other command")
-    p.add_argument("--opts", nargs="*", default=[], help="deprecated: pass the overrides as bare key=value")
-    return p
+def viz_job(cfg: DictConfig, images: Sequence[str], *, resolution: int | None, tile: int, threshold: float,
+            device: str | None) -> tuple[Image.Image, int, int]:
+    """(the PCA figure of `images`, how many of them could be read, the resolution the model saw) for the
+    backbone `cfg.eval.pretrained` (a config from `dinolike.eval.config.resolve_config`). Raises EvalError."""
+    from dinolike.eval.config import EvalError, data_stats
+    from dinolike.eval.setup import load_backbone, model_channels
 
-
-def split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(images, overrides): a `key=value` that is not an existing file is an override."""
-    images = [a for a in items if "=" not in a or Path(a).exists()]
-    return images, [a for a in items if a not in images]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .common import EvalError, data_stats, load_backbone, model_channels, resolve_config
-
-    args = build_parser().parse_intermixed_args(argv)
-    images, overrides = split_overrides(args.images)
-    if args.opts:
-        print("dinolike viz: --opts is deprecated: pass the overrides as bare key=value", file=sys.stderr)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.pretrained == "pixels":
-            raise EvalError("viz needs a model: --pretrained CKPT or random")
-        if not images:
-            raise EvalError("give at least one image file")
-        cfg, has_model = resolve_config(args.pretrained, args.config, [*overrides, *args.opts])
-        model, cfg = load_backbone(args.pretrained, cfg, args.which, has_model)
-        assert model is not None
-        channels = model_channels(model, cfg)
-        mean, std = data_stats(cfg, channels)
-        loaded = [(Path(p).name, _load_image(p, channels)) for p in images]
-        names = [n for n, im in loaded if im is not None]
-        imgs = [im for _, im in loaded if im is not None]
-        if not imgs:
-            raise EvalError("none of the given images could be read")
-        p = int(model.patch_size)
-        trained = OmegaConf.select(cfg, "crops.global_size") or int(model.pos_embed.shape[1] - 1) ** 0.5 * p
-        res = -(-int(args.resolution or trained) // p) * p
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        fig = pca_figure(
-            model,
-            imgs,
-            resolution=res,
-            mean=mean,
-            std=std,
-            tile=args.tile,
-            threshold=args.threshold,
-            device=device,
-            names=names,
-        )
-    except (EvalError, FileNotFoundError) as e:
-        print(f"dinolike viz: error: {e}", file=sys.stderr)
-        return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.save(args.out)
-    print(f"{args.out} ({len(imgs)} images at {res} px, {len(images) - len(imgs)} skipped)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    pretrained = str(cfg.eval.pretrained)
+    if pretrained == "pixels":
+        raise EvalError("viz needs a model: --pretrained CKPT or random")
+    if not images:
+        raise EvalError("give at least one image file")
+    model, cfg = load_backbone(pretrained, cfg, str(cfg.eval.which), "model" in cfg)
+    assert model is not None
+    channels = model_channels(model, cfg)
+    mean, std = data_stats(cfg, channels)
+    loaded = [(Path(p).name, _load_image(p, channels)) for p in images]
+    names = [n for n, im in loaded if im is not None]
+    imgs = [im for _, im in loaded if im is not None]
+    if not imgs:
+        raise EvalError("none of the given images could be read")
+    p = int(model.patch_size)
+    trained = OmegaConf.select(cfg, "crops.global_size") or int(model.pos_embed.shape[1] - 1) ** 0.5 * p
+    res = -(-int(resolution or trained) // p) * p
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    fig = pca_figure(model, imgs, resolution=res, mean=mean, std=std, tile=tile, threshold=threshold,
+                     device=device, names=names)
+    return fig, len(imgs), res

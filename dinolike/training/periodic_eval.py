@@ -23,6 +23,7 @@ def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dic
     from dinolike.data.normalize import build_eval_transform
     from dinolike.eval.features import extract_features
     from dinolike.eval.knn import knn_eval
+    from dinolike.eval.settings import eval_settings
 
     e, d = cfg.eval, cfg.data
     size = cfg.crops.global_size
@@ -38,5 +39,6 @@ def periodic_knn(backbone: nn.Module, cfg: DictConfig, env: dist.DistEnv) -> dic
             )
         )
     train, val = sets
-    res = knn_eval(train.knn_features(), train.labels, val.knn_features(), val.labels, ks=(20,))
+    res = knn_eval(train.knn_features(), train.labels, val.knn_features(), val.labels,
+                   eval_settings("knn", ks=(20,)))
     return {"knn_top1": res["k20_top1"]}

@@ -20,8 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dinolike.launch import submit as sub  # noqa: E402
 from slurm.cluster import start_cluster  # noqa: E402
+
+from dinolike.launch import submit as sub  # noqa: E402
 
 
 def _wait(cond, timeout: float = 120, step: float = 0.05) -> float:
