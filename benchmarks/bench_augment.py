@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from dinolike.data import FashionMNIST, MaskSampler, MultiCropAugmentation, SSLDataset, build_ssl_loader
-from dinolike.data.augment import blur_kernel_size
+from dinolike.data.augment_ops import blur_kernel_size
 from dinolike.data.normalize import default_stats
 
 

@@ -4,8 +4,8 @@
   nice -n 19 python benchmarks/bench_cpu_bf16.py --variants fp32 bf16 --iters 40 model.depth=6
 
 Variants (each in a fresh process, so thread pools and autocast caches cannot leak between them):
-- fp32: no autocast (the default, `dist.cpu_bf16: false`);
-- bf16: `dist.cpu_bf16: true` as shipped (matmuls in bf16, attention in fp32);
+- fp32: no autocast (the default, `precision.cpu: fp32`);
+- bf16: `precision.cpu: bf16` as shipped (matmuls in bf16, attention in fp32);
 - bf16-attn: the same, but attention also in bf16 (torch's bf16 flash-attention CPU kernel);
 - bf16-teacher: autocast around the teacher's forward only (it has no backward).
 Each times `train_step` (the loop's own step) on one synthetic batch of the recipe, back to back, and
@@ -46,7 +46,8 @@ def measure(variant: str, config: str, overrides: list[str], iters: int, top: in
 
     torch.set_num_threads(1)
     bf16_step = variant in ("bf16", "bf16-attn")
-    cfg = load_config(config, ["dist.local_processes=1", f"dist.cpu_bf16={str(bf16_step).lower()}", *overrides])
+    precision = "bf16" if bf16_step else "fp32"
+    cfg = load_config(config, ["dist.local_processes=1", f"precision.cpu={precision}", *overrides])
     if variant == "bf16-attn":  # what the step ran before attention was kept in fp32
         attention._sdpa = torch.nn.functional.scaled_dot_product_attention
     if variant == "bf16-teacher":

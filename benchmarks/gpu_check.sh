@@ -34,7 +34,7 @@ for seed in $SEEDS; do
     run="$OUT_ROOT/seed$seed"
     t0=$(date +%s)
     timeout 420 "$PY" -m dinolike.cli train --config configs/fmnist_cpu.yaml dist.local_processes=1 \
-        run.device="$DEVICE" dist.mixed_precision="$PRECISION" data.num_workers="$WORKERS" \
+        run.device="$DEVICE" precision.cuda="$PRECISION" data.num_workers="$WORKERS" \
         data.pin_memory=$([ "$DEVICE" = cuda ] && echo true || echo false) run.progress=false \
         eval.knn_every=0 eval.final_knn=false optim.epochs="$EPOCHS" run.seed="$seed" \
         run.output_dir="$run" > "$run.log" 2>&1

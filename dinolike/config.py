@@ -10,6 +10,7 @@ known one (the official code accepts typos silently, and a mistyped learning-rat
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -90,13 +91,45 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Dict
     return [*chain, (cfg, str(path))]
 
 
-# keys whose value may be a flag or a word: `dist.cpu_bf16: true | false | auto`
-BOOL_OR_WORD = ("dist.cpu_bf16",)
+# Keys that moved: old name -> (new name, old value -> new value; None: the same). A file or an override
+# with the old name still loads, translated, with one warning naming the new key.
+RENAMED: dict[str, tuple[str, dict | None]] = {
+    "dist.mixed_precision": ("precision.cuda", None),
+    "dist.cpu_bf16": ("precision.cpu", {True: "bf16", False: "fp32", "auto": "auto"}),
+}
+_warned: set[str] = set()
+
+
+def _translate_renamed(delta: DictConfig, source: str) -> DictConfig:
+    """`delta` with every RENAMED key under its new name (and value); warns once per old key."""
+    tree = OmegaConf.to_container(delta)
+    moved = False
+    for old, (new, values) in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        if values is not None and value in values:
+            value = values[value]
+        *new_parents, new_leaf = new.split(".")
+        target = tree
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        target[new_leaf] = value
+        moved = True
+        if old not in _warned:
+            _warned.add(old)
+            logging.getLogger("dinolike.config").warning("%s: '%s' is now '%s' (read as %s=%s)", source, old,
+                                                         new, new, value)
+    return OmegaConf.create(tree) if moved else delta
 
 
 def check_type(key: str, default: object, value: object, source: str) -> None:
     """Values must keep the schema's type (a number stays a number); null defaults accept anything."""
-    if default is None or value is None or (key in BOOL_OR_WORD and isinstance(value, (bool, str))):
+    if default is None or value is None:
         return
     ok = {
         bool: (bool,),
@@ -118,6 +151,7 @@ def _merge_strict(cfg: DictConfig, delta: DictConfig, source: str, schema: DictC
                   dropped: list[str] | None = None) -> DictConfig:
     """Merge `delta` into `cfg`; keys and types are checked against the pristine schema (base.yaml).
     With `dropped` (a list), keys the schema does not know are removed and listed there, not an error."""
+    delta = _translate_renamed(delta, source)
     flat = {}
 
     def walk(node: DictConfig, prefix: str) -> None:

@@ -150,5 +150,5 @@ def test_bench_failures_are_one_line_errors(capsys) -> None:
     assert main(["--config", smoke, "--synthetic", "--iters", "1", "--warmup", "0", "--sdpa", "cudnn"]) == 1
     err = capsys.readouterr().err
     assert "dinolike bench: error: No viable backend" in err and "Traceback" not in err
-    assert main(["--config", smoke, "--iters", "1", "dist.mixed_precision=fp16"]) == 2
-    assert "dist.mixed_precision must be one of" in capsys.readouterr().err
+    assert main(["--config", smoke, "--iters", "1", "precision.cuda=fp16"]) == 2
+    assert "precision.cuda must be one of" in capsys.readouterr().err

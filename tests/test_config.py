@@ -301,3 +301,20 @@ def test_pipeline_stage_recipes_resolve_outside_the_checkout(tmp_path: Path, mon
     assert load_pipeline(mine / "pipe.yaml").pretrain.config == str(mine / "recipe.yaml")
     with pytest.raises(ConfigError, match=r"pretrain\.config: file not found: nope\.yaml \(looked in "):
         load_pipeline(mine / "pipe.yaml", ["pretrain.config=nope.yaml"])
+
+
+def test_renamed_precision_keys_still_load_with_one_warning(caplog) -> None:
+    """`dist.cpu_bf16` / `dist.mixed_precision` (before precision got its own section) load as
+    `precision.cpu` / `precision.cuda`, values translated, with a warning naming the new key."""
+    from dinolike import config as config_module
+
+    config_module._warned.clear()
+    with caplog.at_level("WARNING", logger="dinolike.config"):
+        cfg = load_config(BASE, ["dist.cpu_bf16=true", "dist.mixed_precision=fp32"])
+        load_config(BASE, ["dist.cpu_bf16=false"])
+    assert cfg.precision.cpu == "bf16" and cfg.precision.cuda == "fp32" and "cpu_bf16" not in cfg.dist
+    assert load_config(BASE, ["dist.cpu_bf16=false"]).precision.cpu == "fp32"
+    assert load_config(BASE, ["dist.cpu_bf16=auto"]).precision.cpu == "auto"
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("'dist.cpu_bf16' is now 'precision.cpu'" in m for m in warned) == 1, warned
+    assert any("'dist.mixed_precision' is now 'precision.cuda'" in m for m in warned)

@@ -1,4 +1,4 @@
-"""`dist.cpu_bf16`: the CPU step under bf16 autocast trains the same thing as the fp32 step.
+"""`precision.cpu`: the CPU step under bf16 autocast trains the same thing as the fp32 step.
 
 On a real Fashion-MNIST batch of the main job's recipe, the bf16 step's losses and gradients match the
 fp32 step's within bf16's rounding, the matmuls really run in bf16, and attention stays in fp32 (its bf16
@@ -28,14 +28,14 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "fmnist_cpu.yaml"
 CPU = torch.device("cpu")
 # the main job's model, heads and crops; a smaller batch and dataset so the test takes seconds
 OVERRIDES = ["dist.local_processes=1", "data.batch_size=16", "data.limit=256", "run.progress=false",
-             "dist.cpu_bf16=false"]  # fp32, the reference: the recipe says auto
+             "precision.cpu=fp32"]  # fp32, the reference: the recipe says auto
 
 
 def _steps(cfg, method: SSLMethod, batches: list[dict]) -> tuple[list[dict], list[torch.Tensor]]:
     """Train a copy of `method` on `batches` with the schedule of mid-warmup; the metrics of each step and
     the gradients of the first."""
     method = copy.deepcopy(method)
-    method.cfg = cfg  # the step reads dist.cpu_bf16 from the method's config
+    method.cfg = cfg  # the step reads precision.cpu from the method's config
     opt = build_optimizer(method.param_groups(), cfg.optim.betas, cfg.optim.fused)
     clip = method.grad_clip_groups()
     sched = build_schedules(cfg, cfg.data.batch_size)
@@ -59,7 +59,7 @@ def real_batches() -> tuple:
 
 def test_bf16_step_matches_fp32_step(real_batches) -> None:
     cfg, method, batches = real_batches
-    cfg_bf16 = load_config(CONFIG, [*OVERRIDES, "dist.cpu_bf16=true"])
+    cfg_bf16 = load_config(CONFIG, [*OVERRIDES, "precision.cpu=bf16"])
     ref, ref_grads = _steps(cfg, method, batches)
     got, grads = _steps(cfg_bf16, method, batches)
     for r, g in zip(ref, got, strict=True):
@@ -78,19 +78,19 @@ def test_bf16_step_matches_fp32_step(real_batches) -> None:
 
 def test_cpu_bf16_autocasts_matmuls_not_attention(real_batches) -> None:
     cfg, method, batches = real_batches
-    on = load_config(CONFIG, [*OVERRIDES, "dist.cpu_bf16=true"])
+    on = load_config(CONFIG, [*OVERRIDES, "precision.cpu=bf16"])
     seen: dict[str, torch.dtype] = {}
     block = method.student["backbone"].blocks[0]
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: seen.update({name: out.dtype}))
              for name, m in (("qkv", block.attn.qkv), ("fc1", block.mlp.fc1))]
     try:
-        with autocast(CPU, on):
+        with autocast(CPU, on.precision):
             method.student["backbone"].forward_features(batches[0]["global_crops"])
     finally:
         for h in hooks:
             h.remove()
     assert seen == {"qkv": torch.bfloat16, "fc1": torch.bfloat16}
-    with autocast(CPU, cfg):  # the default: fp32, no autocast
+    with autocast(CPU, cfg.precision):  # the default: fp32, no autocast
         assert not torch.is_autocast_enabled("cpu")
 
     q, k, v = torch.randn(3, 4, 3, 17, 32).bfloat16().unbind(0)  # [B, H, N, hd], as the linear made them
@@ -101,10 +101,10 @@ def test_cpu_bf16_autocasts_matmuls_not_attention(real_batches) -> None:
 
 
 def test_cpu_bf16_is_refused_on_cuda() -> None:
-    cfg = load_config(CONFIG, ["dist.cpu_bf16=true", "run.device=cuda"])
-    with pytest.raises(ConfigError, match="dist.cpu_bf16 applies to CPU runs only"):
+    cfg = load_config(CONFIG, ["precision.cpu=bf16", "run.device=cuda"])
+    with pytest.raises(ConfigError, match="precision.cpu applies to CPU runs only"):
         check_train_config(cfg)
-    check_train_config(load_config(CONFIG, ["dist.cpu_bf16=true"]))  # on the CPU recipe it is fine
+    check_train_config(load_config(CONFIG, ["precision.cpu=bf16"]))  # on the CPU recipe it is fine
 
 
 
@@ -114,18 +114,18 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
     from dinolike.training import step
     from dinolike.training.summary import start_lines
 
-    cfg = load_config(CONFIG, ["dist.cpu_bf16=auto"])
+    cfg = load_config(CONFIG, ["precision.cpu=auto"])
     check_train_config(cfg)
-    check_train_config(load_config(CONFIG, ["dist.cpu_bf16=auto", "run.device=cuda"]))  # ignored on a GPU
-    with pytest.raises(ConfigError, match="dist.cpu_bf16"):
-        check_train_config(load_config(CONFIG, ["dist.cpu_bf16=maybe"]))
+    check_train_config(load_config(CONFIG, ["precision.cpu=auto", "run.device=cuda"]))  # ignored on a GPU
+    with pytest.raises(ConfigError, match="precision.cpu"):
+        check_train_config(load_config(CONFIG, ["precision.cpu=maybe"]))
     backbone = torch.nn.Linear(2, 2)
     for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
         step.native_cpu_bf16.cache_clear()  # asked once per process: ask again for the patched CPU
-        assert step.cpu_bf16(cfg) is native
-        with autocast(CPU, cfg):
+        assert step.cpu_bf16(cfg.precision) is native
+        with autocast(CPU, cfg.precision):
             y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))  # [2, 3]
         assert y.dtype == (torch.bfloat16 if native else torch.float32)
         lines = start_lines(cfg, out="o", how="new run", images=10, world=1, device=CPU, backbone=backbone,
@@ -133,5 +133,6 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
         device_line = next(line for line in lines if line.strip().startswith("device"))
         assert ("bf16 autocast" in device_line) is native and ("fp32" in device_line) is not native
     step.native_cpu_bf16.cache_clear()  # the real CPU again for the tests after this one
-    for fixed in (True, False):  # true / false do not look at the CPU
-        assert step.cpu_bf16(load_config(CONFIG, [f"dist.cpu_bf16={str(fixed).lower()}"])) is fixed
+    for fixed in (True, False):  # bf16 / fp32 do not look at the CPU
+        value = "bf16" if fixed else "fp32"
+        assert step.cpu_bf16(load_config(CONFIG, [f"precision.cpu={value}"]).precision) is fixed

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from dinolike.data import FashionMNIST, MultiCropAugmentation, blur_kernel_size
-from dinolike.data.augment import _blur_matrices, _resize_matrices, _shift_hue
+from dinolike.data.augment_ops import _blur_matrices, _resize_matrices, _shift_hue
 from dinolike.data.normalize import FMNIST_MEAN, FMNIST_STD
 
 needs_fmnist = pytest.mark.skipif(

@@ -159,7 +159,7 @@ def fake_sbatch(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("command, rest, message", [
     ("train", ["--config", str(SMOKE), "optim.lrr=1"], "unknown config key 'optim.lrr'"),
-    ("train", ["--config", str(SMOKE), "dist.mixed_precision=fp16"], "dist.mixed_precision must be one of"),
+    ("train", ["--config", str(SMOKE), "precision.cuda=fp16"], "precision.cuda must be one of"),
     ("curate", ["all", "--config", str(DEMO), "retrieve.methods=[nearest]"], "retrieve.methods must be made of"),
     ("eval", ["knn", "--pretrained", "run/teacher_backbone.pth", "eval.knn.temperature=hot"],
      "'eval.knn.temperature' in the command line must be float"),

@@ -23,12 +23,12 @@ FLOORS: dict[str, int] = {
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
-    "dinolike.local_procs": 3, "dinolike.pipeline": 3,
+    "dinolike.local_procs": 3,
     # the feature extraction + kNN that training's periodic eval needs
     "dinolike.eval.features": 3, "dinolike.eval.knn": 3, "dinolike.eval.spread": 3, "dinolike.eval.embed": 3,
     "dinolike.eval.settings": 3,
     # the jobs, each a library function taking its config: eval protocols, curation steps, launching
-    "dinolike.eval": 4, "dinolike.curation": 4, "dinolike.launch": 4, "dinolike.jobs": 4,
+    "dinolike.eval": 4, "dinolike.curation": 4, "dinolike.launch": 4, "dinolike.jobs": 4, "dinolike.pipeline": 4,
     # command shells on top: parse -> load config -> call a job; the checkout shims of eval/, curation/, launch/
     "dinolike.cli": 5, "dinolike.commands": 5, "dinolike.bench": 4, "eval": 5, "curation": 5, "launch": 5,
     "benchmarks": 6,

@@ -207,7 +207,7 @@ def test_more_bad_input_fails_before_anything_runs(tmp_path: Path, capsys: pytes
     cases = {
         "eval.protocols=[lienar]": "the protocol must be one of knn, linear, logreg",
         "eval.protocols=['knn --label-fraction 0.1']": "is not a valid `dinolike eval` command line",
-        "distill.dist.mixed_precision=fp16": "distill: dist.mixed_precision must be one of",
+        "distill.precision.cuda=fp16": "distill: precision.cuda must be one of",
     }
     for override, message in cases.items():
         assert main(["--config", SMOKE, f"output_dir={out}", override]) == 2, override
@@ -223,8 +223,8 @@ def test_fingerprint_ignores_how_a_stage_runs_and_moved_folders(tmp_path: Path) 
     """A worker count, a progress bar or a checkpoint interval does not start a stage over; a recipe
     value does; a pipeline folder moved elsewhere (non-ASCII name included) keeps its fingerprints, and a
     sibling folder whose name starts the same is not mistaken for it."""
-    from dinolike.commands.pipeline_stages import build_stages, stage_fingerprint
     from dinolike.pipeline.config import load_pipeline
+    from dinolike.pipeline.stages import build_stages, stage_fingerprint
 
     def fp(out: Path, *overrides: str) -> str:
         cfg = load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]", *overrides])
@@ -239,9 +239,9 @@ def test_fingerprint_ignores_how_a_stage_runs_and_moved_folders(tmp_path: Path) 
 
 
 def test_changed_stage_is_moved_aside_not_deleted(tmp_path: Path) -> None:
-    from dinolike.commands.pipeline_stages import begin_stage, build_stages
     from dinolike.pipeline.config import load_pipeline
     from dinolike.pipeline.lineage import state_path, write_json
+    from dinolike.pipeline.stages import begin_stage, build_stages
 
     out = tmp_path / "p"
     stage = build_stages(load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]"]))[0]
@@ -256,8 +256,8 @@ def test_changed_stage_is_moved_aside_not_deleted(tmp_path: Path) -> None:
 def test_stage_stopped_by_its_time_limit_is_not_done(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`run.time_limit_min` ends a training command with status 0 and a checkpoint short of the schedule:
     the pipeline must not mark the stage finished nor start the next one on it."""
-    from dinolike.commands.pipeline_stages import build_stages, training_finished
     from dinolike.pipeline.config import load_pipeline
+    from dinolike.pipeline.stages import build_stages, training_finished
 
     out = tmp_path / "p"
     stage = build_stages(load_pipeline(SMOKE, [f"output_dir={out}", "stages=[pretrain]"]))[0]
@@ -278,8 +278,8 @@ def test_stage_stopped_by_its_time_limit_is_not_done(tmp_path: Path, capsys: pyt
 
 
 def test_report_and_headline_tolerate_odd_input(tmp_path: Path) -> None:
-    from dinolike.commands.pipeline_stages import _headline
     from dinolike.pipeline.report import _train_line
+    from dinolike.pipeline.stages import _headline
 
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 5, "loss": 2.0}\n{"iteration": 10, "lo\n')
     assert _train_line(tmp_path).startswith("iterations 5-5, final loss 2.000")
@@ -310,7 +310,7 @@ def test_inputs_recorded_by_a_finished_stage_are_not_hashed_again(tmp_path: Path
 
 
 def test_second_pipeline_in_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from dinolike.commands.pipeline import hold_folder
+    from dinolike.pipeline.run import hold_folder
 
     out = tmp_path / "p"
     held = hold_folder(out)  # as a first `dinolike pipeline` running there would
@@ -323,9 +323,9 @@ def test_second_pipeline_in_the_same_folder_is_refused(tmp_path: Path, capsys: p
 def test_eval_overrides_may_set_the_models_data_statistics(tmp_path: Path) -> None:
     """`eval.overrides` are model eval keys (data.mean / std too), checked against the model schema; the
     pixel baseline gets only the eval.* ones."""
-    from dinolike.commands.pipeline_stages import build_stages
     from dinolike.config import ConfigError
     from dinolike.pipeline.config import load_pipeline
+    from dinolike.pipeline.stages import build_stages
 
     def stages(*o: str):
         return build_stages(load_pipeline(SMOKE, [f"output_dir={tmp_path / 'p'}", *o]))

@@ -31,7 +31,7 @@ OVERRIDES = [
     "heads.bottleneck_dim=16", "data.batch_size=6", "data.num_workers=0", "data.limit=64",
     "crops.local_number=2", "model.drop_path_rate=0.0", "masking.probability=0.5", "run.progress=false",
     "model.layerscale=0.1",  # with 1e-5 every image has the same CLS token at init: KoLeo is ill-posed
-    "dist.cpu_bf16=false",  # fp32 on any CPU (the recipe says auto): the references are fp32
+    "precision.cpu=fp32",  # fp32 on any CPU (the recipe says auto): the references are fp32
 ]
 # lr, wd, momentum as mid-training (last layer not frozen); teacher temperature at its warmup value
 SCHED = [

@@ -162,7 +162,7 @@ def _phase_breakdown(method, step, batches: Iterator[dict], iters: int, warmup: 
             overhead_ratio_of_means=compute_s / pure_mean,
         )
         flops = step_flops(method, batch)
-        dtype = torch.bfloat16 if dev.type == "cuda" and cfg.dist.mixed_precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if dev.type == "cuda" and cfg.precision.cuda == "bf16" else torch.float32
         sizes = PEAK_SIZES.get(dev.type, PEAK_SIZES["cpu"])
         peak, peak_n = peak_matmul_flops(dev, dtype, sizes)
         achieved = flops / compute_s

@@ -85,15 +85,6 @@ def config_of(args: argparse.Namespace, extra_opts: list[str] | None = None) -> 
     return job_config(args.pretrained, args.config, [*(extra_opts or []), *args.opts], job_keys(args))
 
 
-def parse_protocol_line(line: str) -> tuple[str, argparse.Namespace]:
-    """A pipeline's `eval.protocols` entry (`knn`, `linear --shots 10`) -> (protocol, its flags); raises
-    ConfigError for a protocol or flag `dinolike eval` does not know."""
-    words = line.split()
-    if not words or words[0] not in PROTOCOLS:
-        raise ConfigError(f"{line!r}: the protocol must be one of {', '.join(PROTOCOLS)}")
-    return words[0], build_parser(words[0], RaisingParser).parse_intermixed_args(words[1:])
-
-
 def validate(argv: list[str]) -> None:
     """Check `COMMAND ARGS` without loading a model or any data (what `dinolike submit eval` runs before
     submitting; the protocols run the same checks first themselves). Raises ConfigError."""

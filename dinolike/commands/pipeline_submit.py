@@ -16,11 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dinolike.commands.pipeline_stages import Stage, begin_stage, build_stages, run_curate_demo, stage_fingerprint
+from dinolike.commands.parsing import RaisingParser
+from dinolike.commands.submit import parse_args
 from dinolike.config import ConfigError
 from dinolike.launch import submit as launch_submit
 from dinolike.launch.task import LaunchTask
 from dinolike.pipeline.lineage import up_to_date
+from dinolike.pipeline.stages import Stage, begin_stage, build_stages, run_curate_demo, stage_fingerprint
 
 
 def plan(cfg: DictConfig) -> tuple[list[Stage], dict[str, str]]:
@@ -39,19 +41,18 @@ def plan(cfg: DictConfig) -> tuple[list[Stage], dict[str, str]]:
 
 def _executor(cfg: DictConfig, stage: str, after: list[str]) -> tuple[Any, Any]:
     """(submitit executor, launcher args) for a stage: `submit.launch`, then the stage's own `launch`."""
-    sub = launch_submit
     out = Path(cfg.output_dir)
     # the launcher's own options and checks; its COMMAND word only names the job, which --job-name does here
     argv = ["train", "--job-dir", str(out / "jobs"), "--job-name", f"pipeline-{stage}",
             *map(str, cfg.submit.launch), *map(str, cfg[stage].launch)]
     try:
-        args, rest = sub.parse_args(argv)
-    except SystemExit:  # argparse printed what is wrong with the options
-        raise ConfigError(f"{stage}.launch / submit.launch: bad launcher options {argv[5:]}") from None
+        args, rest = parse_args(argv, RaisingParser)
+    except ConfigError as e:
+        raise ConfigError(f"{stage}.launch / submit.launch: bad launcher options {argv[5:]}: {e}") from None
     if rest or args.local:
         raise ConfigError(f"{stage}.launch: only `dinolike submit` options, not --local or `--`: {argv[5:]}")
-    executor = sub.make_executor(args)
-    extra = dict(sub.executor_parameters(args).get("slurm_additional_parameters", {}))
+    executor = launch_submit.make_executor(args)
+    extra = dict(launch_submit.executor_parameters(args).get("slurm_additional_parameters", {}))
     if after:
         extra["dependency"] = "afterok:" + ":".join(after)
         extra["kill-on-invalid-dep"] = "yes"  # a failed upstream job cancels this one, not pending forever

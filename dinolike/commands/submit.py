@@ -26,8 +26,8 @@ __all__ = ["COMMANDS", "EXIT_REQUEUE", "build_parser", "parse_args", "executor_p
            "submit", "wait_for", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(parser: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser(
         prog="dinolike submit",
         description="Submit a dinolike command to SLURM (or run it locally) through submitit.",
         epilog="Everything after `--` is passed to `dinolike COMMAND`.",
@@ -65,8 +65,11 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = build_parser()
+def parse_args(argv: list[str], parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+               ) -> tuple[argparse.Namespace, list[str]]:
+    """(launcher options, the command's own arguments); RaisingParser as `parser_class` raises ConfigError
+    where the command line would exit."""
+    parser = build_parser(parser_class)
     own, passthrough = split_argv(argv)
     args = parser.parse_args(own)
     if args.nodes < 1:

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from dinolike.commands.parsing import RaisingParser
 from dinolike.config import ConfigError
-from dinolike.jobs.train import grey_scale_warning, train_config, train_job
-from dinolike.local_procs import CHILD_ENV
+from dinolike.jobs.train import run_training, train_config
 
 
 def build_parser(command: str, parser: type[argparse.ArgumentParser] = argparse.ArgumentParser
@@ -50,39 +47,4 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
-    return run_job(cfg, command)
-
-
-def run_job(cfg: DictConfig, command: str = "train") -> int:
-    """`train_job(cfg)` with the command's handling of its failures: one line on stderr and an exit status
-    (what the pipeline's train stages run too)."""
-    if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
-        print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
-    from dinolike.data.datasets import DataError
-    from dinolike.models import CheckpointMismatchError
-    from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError
-    from dinolike.training.collapse import CollapseError
-    from dinolike.training.loop import NonFiniteLossError
-
-    try:
-        return train_job(cfg, command)
-    except (NonFiniteLossError, NonFiniteStateError, CollapseError, RunWriteError) as e:
-        print(f"dinolike {command}: error: {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
-        print(f"dinolike {command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, CheckpointMismatchError, DataError, ValueError) as e:
-        # problems the user can fix: one line, no traceback from deep inside
-        print(f"dinolike {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk or the file system: a full disk outside a checkpoint write, a lost mount
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"dinolike {command}: error: {e.strerror or e}{where}; the newest checkpoint in "
-              f"{Path(cfg.run.output_dir) / 'checkpoints'} is intact", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # the second Ctrl-C (the first stops with a checkpoint), or one before training
-        print(f"\ndinolike {command}: interrupted; the newest checkpoint in "
-              f"{Path(cfg.run.output_dir) / 'checkpoints'} (if any) is intact: run the same command to resume",
-              file=sys.stderr)
-        return 130
+    return run_training(cfg, command)

@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.config import BASE, ConfigError, find_config, load_config, load_schema
+from dinolike.config import BASE, ConfigError, check_type, find_config, load_config, load_schema
 from dinolike.data.normalize import default_stats
 from dinolike.eval.settings import SCHEMA
 
@@ -96,6 +96,10 @@ def set_job(cfg: DictConfig, job: Mapping[str, Any]) -> DictConfig:
         if key not in schema:
             raise EvalError(f"unknown eval job key {key!r}")
         if value is not None:
+            try:
+                check_type(f"eval.{key}", schema[key], value, "the job")
+            except ConfigError as e:
+                raise EvalError(str(e)) from None
             cfg.eval[key] = value
     return cfg
 
@@ -170,3 +174,49 @@ def eval_sizes(cfg: DictConfig, dataset_spec: str, patch_size: int | None) -> tu
     if resize is None:
         resize = res if res <= 64 else round(res * 256 / 224)
     return int(resize), res
+
+
+# The flags of `dinolike eval PROTOCOL` that a pipeline's protocol line may give (`linear --shots 10`): each
+# sets the eval job key of the same name; the two switches set their key to false.
+SWITCHES = {"--no-cache": "cache", "--no-progress": "progress"}
+NOT_IN_A_LINE = ("pretrained", "config", "output_dir")  # the pipeline sets these itself
+
+
+def protocol_line(line: str, protocols: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """A pipeline's `eval.protocols` entry -> (protocol, job keys, overrides): `PROTOCOL [--key VALUE |
+    --no-cache | --no-progress | key=value ...]`, `--key` being any job key of the eval schema (the
+    command's flags). Values are read as YAML scalars and type-checked when set. Raises EvalError."""
+    words = line.split()
+    if not words or words[0] not in protocols:
+        raise EvalError(f"{line!r}: the protocol must be one of {', '.join(protocols)}")
+    keys = load_schema(SCHEMA).eval
+    job: dict[str, Any] = {}
+    opts: list[str] = []
+    rest = iter(words[1:])
+    for word in rest:
+        if word in SWITCHES:
+            job[SWITCHES[word]] = False
+        elif word.startswith("--"):
+            key = word[2:].replace("-", "_")
+            if key not in keys or isinstance(keys[key], DictConfig) or key in NOT_IN_A_LINE:
+                raise EvalError(f"{line!r}: unknown option {word}")
+            value = next(rest, None)
+            if value is None:
+                raise EvalError(f"{line!r}: {word} needs a value")
+            job[key] = _scalar(value)
+        elif "=" in word:
+            opts.append(word)
+        else:
+            raise EvalError(f"{line!r}: unexpected {word!r}")
+    return words[0], job, opts
+
+
+def _scalar(text: str) -> Any:
+    """`0.1` -> 0.1, `10` -> 10, `fmnist:train` -> itself: a command-line word as the schema's types read it."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (int, float, bool, type(None))) else text

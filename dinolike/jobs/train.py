@@ -124,3 +124,39 @@ def grey_scale_warning(cfg: DictConfig) -> str | None:
     return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
             f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
             "configs/folder_vits14.yaml")
+
+
+def run_training(cfg: DictConfig, command: str = "train") -> int:
+    """`train_job(cfg)` with the command's handling of its failures: one line on stderr and an exit status
+    (what `dinolike train` and the pipeline's train stages run; the Python API calls `train_job` itself and
+    gets the exceptions)."""
+    if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
+        print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
+    from dinolike.data.datasets import DataError
+    from dinolike.models import CheckpointMismatchError
+    from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError
+    from dinolike.training.collapse import CollapseError
+    from dinolike.training.loop import NonFiniteLossError
+
+    try:
+        return train_job(cfg, command)
+    except (NonFiniteLossError, NonFiniteStateError, CollapseError, RunWriteError) as e:
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"dinolike {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, CheckpointMismatchError, DataError, ValueError) as e:
+        # problems the user can fix: one line, no traceback from deep inside
+        print(f"dinolike {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk or the file system: a full disk outside a checkpoint write, a lost mount
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"dinolike {command}: error: {e.strerror or e}{where}; the newest checkpoint in "
+              f"{Path(cfg.run.output_dir) / 'checkpoints'} is intact", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the second Ctrl-C (the first stops with a checkpoint), or one before training
+        print(f"\ndinolike {command}: interrupted; the newest checkpoint in "
+              f"{Path(cfg.run.output_dir) / 'checkpoints'} (if any) is intact: run the same command to resume",
+              file=sys.stderr)
+        return 130

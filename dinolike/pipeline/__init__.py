@@ -1,6 +1,7 @@
-"""The whole flow as one command (`dinolike pipeline`): the library half.
+"""The whole flow as one job (`dinolike pipeline`): curate -> pretrain -> high-res -> distill -> eval.
 
-Config (`config.py`), fingerprints (`fingerprint.py`), per-stage state and `lineage.json` (`lineage.py`) and
-`report.md` (`report.py`) know nothing of the commands; the stage runners that call `dinolike curate`,
-`train`, `distill` and `eval` live with the commands (`dinolike/commands/pipeline*.py`).
+`run.py` runs the stages here, each the job of an existing command called in this process (`stages.py`);
+config (`config.py`), fingerprints (`fingerprint.py`), per-stage state and `lineage.json` (`lineage.py`) and
+`report.md` (`report.py`) are its bookkeeping. The command shell and the SLURM submission of the stages
+are `dinolike/commands/pipeline.py` and `pipeline_submit.py`.
 """

@@ -90,7 +90,7 @@ class DistillMethod(Method):
 
     def to(self, *args, **kwargs):  # the frozen teacher runs in bf16 on CUDA: half the memory and time
         super().to(*args, **kwargs)
-        if next(self.teacher.parameters()).is_cuda and self.cfg.dist.mixed_precision == "bf16":
+        if next(self.teacher.parameters()).is_cuda and self.cfg.precision.cuda == "bf16":
             self.teacher.to(torch.bfloat16)
         return self
 

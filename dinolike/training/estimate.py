@@ -78,7 +78,7 @@ def step_flops_per_image(cfg: DictConfig, student: nn.Module, teacher: nn.Module
 def estimate_seconds_per_iteration(cfg: DictConfig, student: nn.Module, device: torch.device,
                                    teacher: nn.Module | None = None) -> float:
     """Seconds one iteration of this rank's batch should take here (bf16 peak on CUDA, fp32 on CPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.dist.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision.cuda == "bf16" else torch.float32
     peak, _ = peak_matmul_flops(device, dtype, min_seconds=0.05)
     return step_flops_per_image(cfg, student, teacher) * cfg.data.batch_size / (peak * STEP_EFFICIENCY)
 

@@ -147,8 +147,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     cfg = method.cfg  # the method may complete the config (distillation: the teacher's heads)
     method.to(env.device)
     method.prepare_distributed(env)
-    if env.device.type == "cpu" and cfg.dist.cpu_bf16 is True and not native_cpu_bf16():
-        log.warning("dist.cpu_bf16: this CPU has no bf16 instructions; its bf16 matmuls are emulated and "
+    if env.device.type == "cpu" and cfg.precision.cpu == "bf16" and not native_cpu_bf16():
+        log.warning("precision.cpu=bf16: this CPU has no bf16 instructions; its bf16 matmuls are emulated and "
                     "far slower than fp32")
     if cfg.run.compile:  # blocks and heads, in place: state-dict keys and checkpoints are unchanged
         from dinolike.training.ssl import compile_step_modules

@@ -92,7 +92,7 @@ class Method(nn.Module):
         if strategy == "fsdp" and env.enabled:
             from dinolike import fsdp
 
-            bf16 = env.device.type == "cuda" and d.mixed_precision == "bf16"
+            bf16 = env.device.type == "cuda" and self.cfg.precision.cuda == "bf16"
             fsdp.shard(self.sharded_parts(), env.device, env.world_size, bf16)
         self._grad_all_reduce = strategy == "ddp" and env.enabled
         self.strategy = strategy if env.enabled else "none"

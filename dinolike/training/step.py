@@ -30,23 +30,22 @@ def native_cpu_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def cpu_bf16(cfg: DictConfig) -> bool:
-    """`dist.cpu_bf16`: true, false, or auto (on exactly where `native_cpu_bf16()`)."""
-    value = cfg.dist.cpu_bf16
-    return native_cpu_bf16() if value == "auto" else bool(value)
+def cpu_bf16(precision: DictConfig) -> bool:
+    """`precision.cpu`: bf16, fp32, or auto (bf16 exactly where `native_cpu_bf16()`)."""
+    return native_cpu_bf16() if precision.cpu == "auto" else precision.cpu == "bf16"
 
 
-def autocast(device: torch.device, cfg: DictConfig) -> AbstractContextManager:
-    """bf16 autocast on CUDA when `dist.mixed_precision` asks for it, on CPU when `dist.cpu_bf16` does;
+def autocast(device: torch.device, precision: DictConfig) -> AbstractContextManager:
+    """bf16 autocast on CUDA when `precision.cuda` asks for it, on CPU when `precision.cpu` does;
     fp32 otherwise.
 
     CPU bf16: on a CPU with bf16 instructions (avx512_bf16) the matmuls run at ~2x, on one without them
     ~100x slower; `auto` decides by the CPU. Attention runs in fp32 under it
     (`layers.attention._sdpa`), the losses and Sinkhorn-Knopp already do.
     """
-    if device.type == "cuda" and cfg.dist.mixed_precision == "bf16":
+    if device.type == "cuda" and precision.cuda == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cpu_bf16(cfg):
+    if device.type == "cpu" and cpu_bf16(precision):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -73,7 +72,7 @@ def train_step(
     """
     cfg = method.cfg
     apply_schedule(opt, sched["lr"], sched["last_layer_lr"], sched["wd"])
-    with autocast(device, cfg):
+    with autocast(device, cfg.precision):
         loss, metrics = method.forward_loss(batch, sched, phase)
     names = sorted(metrics)
     with phase("backward"):

@@ -30,9 +30,9 @@ def start_lines(cfg: DictConfig, *, out: str, how: str, images: int, world: int,
     layout = f"{world} processes x {per}" if world > 1 else "1 process"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        dev = f"cuda ({name}), {'bf16' if cfg.dist.mixed_precision == 'bf16' else 'fp32'}"
+        dev = f"cuda ({name}), {'bf16' if cfg.precision.cuda == 'bf16' else 'fp32'}"
     else:
-        precision = "bf16 autocast (dist.cpu_bf16)" if cpu_bf16(cfg) else "fp32"
+        precision = "bf16 autocast (precision.cpu)" if cpu_bf16(cfg.precision) else "fp32"
         dev = f"cpu, {torch.get_num_threads()} thread(s) per process, {precision}"
     head_text = f" (+{millions(heads)} in the heads)" if heads is not None else ""
     left = total - start

@@ -1,7 +1,7 @@
 """Checks of a merged training config's values, before any work: before the model is built, before a
 SLURM job is submitted. The schema already rejects unknown keys and wrong types; this rejects values the
 code would only trip over later (a misspelt choice, a zero batch), or worse, accept silently
-(`dist.mixed_precision: fp16` would quietly train in fp32). Nothing here reads the disk: a job may be
+(`precision.cuda: fp16` would quietly train in fp32). Nothing here reads the disk: a job may be
 submitted from a machine that does not see the cluster's files.
 """
 
@@ -22,8 +22,8 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "optim.lr_schedule": ("cosine", "constant"),
     "dist.strategy": ("auto", "none", "ddp", "fsdp"),  # none: one process, no gradient sync
-    "dist.mixed_precision": ("bf16", "fp32"),
-    "dist.cpu_bf16": (False, True, "auto"),
+    "precision.cuda": ("bf16", "fp32"),
+    "precision.cpu": ("fp32", "bf16", "auto"),
     "dist.activation_checkpointing_scope": ("block", "attn", "mlp"),
     "data.channels": (1, 3),
 }
@@ -100,8 +100,8 @@ def check_train_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad value."""
     check_values(cfg, CHOICES, MINIMUM, FRACTIONS)
     check_ranges(cfg)
-    if cfg.dist.cpu_bf16 is True and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads mixed_precision
-        raise ConfigError("dist.cpu_bf16 applies to CPU runs only; on CUDA set dist.mixed_precision: bf16")
+    if cfg.precision.cpu == "bf16" and cfg.run.device == "cuda":  # it would be ignored: a GPU run reads .cuda
+        raise ConfigError("precision.cpu applies to CPU runs only; on CUDA set precision.cuda: bf16")
     if cfg.optim.epochs <= 0:
         raise ConfigError(f"optim.epochs must be > 0, got {cfg.optim.epochs}")
     specs = {"data.train": cfg.data.train}

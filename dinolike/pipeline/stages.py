@@ -22,7 +22,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dinolike.commands.train import run_job
 from dinolike.config import OPERATIONAL, ConfigError, load_config
 from dinolike.pipeline.config import TRAIN_STAGES, layered_recipe, recipe_files
 from dinolike.pipeline.fingerprint import digest, file_digest, git_commit
@@ -165,17 +164,15 @@ def _eval_stage(cfg: DictConfig, names: list[str]) -> Stage:
     if not sec.protocols:
         raise ConfigError(f"eval.protocols must list `dinolike eval` command lines, got {list(sec.protocols)}")
     overrides = [str(o) for o in sec.overrides]
-    from dinolike.commands.eval import config_of, parse_protocol_line
-    from dinolike.eval.config import EvalError
+    from dinolike.eval.config import RANDOM, EvalError, job_config, protocol_line, resolve_config
+    from dinolike.eval.protocols import PROTOCOLS
 
     for line in map(str, sec.protocols):  # each line parsed and checked now, not after hours of training
         try:
-            _, args = parse_protocol_line(line)
-            args.pretrained, args.config = "pixels", None
-            config_of(args)
+            _, job, opts = protocol_line(line, list(PROTOCOLS))
+            job_config("pixels", None, opts, job)
         except (ConfigError, EvalError) as e:
-            raise ConfigError(f"eval.protocols: {line!r}: {e}") from None
-    from dinolike.eval.config import RANDOM, resolve_config
+            raise ConfigError(f"eval.protocols: {e}") from None
 
     try:  # the eval commands' strict config (a model's: data.mean / std may be set): a typo fails now
         resolve_config(RANDOM, "vit_small", overrides)
@@ -319,7 +316,7 @@ def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
 
 def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
     """The training job, in this process (it starts its own worker processes when the recipe asks)."""
-    from dinolike.jobs.train import train_config
+    from dinolike.jobs.train import run_training, train_config
 
     del out, cfg
     command = "distill" if stage.name == "distill" else "train"
@@ -328,7 +325,7 @@ def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
-    return run_job(train_cfg, command)
+    return run_training(train_cfg, command)
 
 
 def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
@@ -343,10 +340,9 @@ def _headline(protocol: str, metrics: dict[str, Any]) -> float | None:
 def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
     """Every protocol line on every exported backbone and baseline; results.json collects them."""
     sec, here = cfg.eval, stage_dir(out, "eval")
-    from dinolike.commands.eval import config_of, parse_protocol_line
-    from dinolike.eval.config import EvalError, set_job
+    from dinolike.eval.config import EvalError, job_config, protocol_line
     from dinolike.eval.features import FeatureError
-    from dinolike.eval.protocols import PROTOCOLS as JOBS
+    from dinolike.eval.protocols import PROTOCOLS
 
     models: dict[str, tuple[str, str | None]] = {b: (b, None) for b in sec.baselines}
     if "random" in models:  # the architecture of the first trained model, untrained
@@ -360,16 +356,14 @@ def run_eval(out: Path, stage: Stage, cfg: DictConfig) -> int:
     for model, (pretrained, run_config) in models.items():
         table[model] = {"pretrained": os.path.relpath(pretrained, out) if os.sep in pretrained else pretrained}
         for line in map(str, sec.protocols):
-            protocol, args = parse_protocol_line(line)
+            protocol, job, line_opts = protocol_line(line, list(PROTOCOLS))
             folder = here / model / "_".join(w.lstrip("-") for w in line.split())
             result = folder / "results.json"
             if not result.is_file():  # a rerun of the same stage (same fingerprint) keeps finished evals
                 opts = [o for o in stage.overrides if pretrained != "pixels" or o.startswith("eval.")]
-                args.pretrained, args.config, args.opts = pretrained, run_config, [*args.opts, *opts]
                 try:
-                    ecfg = config_of(args)
-                    set_job(ecfg, {**shared, "output_dir": str(folder)})
-                    JOBS[protocol](ecfg)
+                    PROTOCOLS[protocol](job_config(pretrained, run_config, [*line_opts, *opts],
+                                                   {**job, **shared, "output_dir": str(folder)}))
                 except (EvalError, FeatureError, FileNotFoundError) as e:
                     log.error("eval %s on %s failed: %s", line, model, e)
                     return 2
