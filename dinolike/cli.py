@@ -1,9 +1,7 @@
 """`dinolike COMMAND ...`: one entry point; each command lives in its own module.
 
-This is the top of the house (the CLI floor, with `dinolike/commands` and the command packages): it may
-name any command; the library below never imports it. The command packages `eval`, `curation` and
-`launch` are reached through `import_command` (installed as `dinolike_eval`, ...; see
-`dinolike/commands/packages.py`), so another distribution's `eval` or `launch` cannot take their place.
+This is the top of the house (the CLI floor, with the command shells of `dinolike/commands`): it may name
+any command; the library below never imports it.
 """
 
 from __future__ import annotations
@@ -13,10 +11,11 @@ import importlib
 import logging
 import sys
 
-# command -> (module with main(argv) -> int, one-line help)
+# command -> ("module" with main(argv) -> int, or "module:function", one-line help); argv is what follows
+# the command's name
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("dinolike.commands.train", "pretrain (or run a high-res phase) from a config"),
-    "distill": ("dinolike.commands.train", "distill a pretrained teacher into smaller students"),
+    "train": ("dinolike.commands.train:train_command", "pretrain (or run a high-res phase) from a config"),
+    "distill": ("dinolike.commands.train:distill_command", "distill a pretrained teacher into smaller students"),
     "eval": ("dinolike.commands.eval", "knn | linear | logreg evaluation of a checkpoint"),
     "plot": ("dinolike.commands.plot", "PNG of the training curves of a run directory"),
     "viz": ("dinolike.commands.viz", "PCA picture of patch features"),
@@ -65,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines drown --help
-    name = COMMANDS[argv[0]][0]
-    module = importlib.import_module(name)
-    if argv[0] in ("train", "distill"):
-        return module.main(argv)
-    return module.main(argv[1:])
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[
             # the dispatcher's table: command -> (module, help); the modules are imported by name
             for entry in ast.walk(node.value):
                 if isinstance(entry, ast.Tuple) and entry.elts and isinstance(entry.elts[0], ast.Constant):
-                    found.append((_project_target(str(entry.elts[0].value), modules), entry.lineno))
+                    found.append((_project_target(str(entry.elts[0].value).partition(":")[0], modules), entry.lineno))
     return [(t, line) for t, line in found if t is not None and t != module]
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from testkit import SMOKE
 
-from dinolike.commands.train import grey_scale_warning
+from dinolike.jobs.train import grey_scale_warning
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.eval.plot import curves_figure

@@ -184,7 +184,7 @@ def _attention_kernel(method: torch.nn.Module, cfg: DictConfig, dev: torch.devic
     attn = next(m for m in method.modules() if isinstance(m, Attention))
     n_tokens = 1 + (cfg.crops.global_size // cfg.model.patch_size) ** 2
     tokens = torch.randn(2, n_tokens, attn.qkv.in_features, device=dev)  # [2, N, D]
-    return attention_kernel_that_ran(attn, tokens, autocast(dev, cfg))
+    return attention_kernel_that_ran(attn, tokens, autocast(dev, cfg.precision))
 
 
 def _pure_backbones(method, batch: dict, dev: torch.device, cfg: DictConfig) -> float:
@@ -197,7 +197,7 @@ def _pure_backbones(method, batch: dict, dev: torch.device, cfg: DictConfig) -> 
     masks = [batch["masks"]] + [None] * (len(crops) - 1)
     sync(dev)
     t = time.perf_counter()
-    with autocast(dev, cfg):
+    with autocast(dev, cfg.precision):
         with torch.no_grad():
             t_bb.forward_features(batch["global_crops_teacher"])
         outs = s_bb.forward_features(crops, masks=masks)

@@ -39,7 +39,18 @@ def validate(argv: list[str]) -> DictConfig:
     return config_of(command, build_parser(command, RaisingParser).parse_intermixed_args(argv[1:]))
 
 
+def train_command(argv: list[str]) -> int:
+    """`dinolike train ARGS`."""
+    return main(["train", *argv])
+
+
+def distill_command(argv: list[str]) -> int:
+    """`dinolike distill ARGS`."""
+    return main(["distill", *argv])
+
+
 def main(argv: list[str]) -> int:
+    """`train|distill ARGS` (the command's name first)."""
     command = argv[0]
     args = build_parser(command).parse_intermixed_args(argv[1:])
     try:

@@ -187,6 +187,7 @@ def protocol_line(line: str, protocols: Sequence[str]) -> tuple[str, dict[str, A
     --no-cache | --no-progress | key=value ...]`, `--key` being any job key of the eval schema (the
     command's flags). Values are read as YAML scalars and type-checked when set. Raises EvalError."""
     words = line.split()
+    bad = f"{line!r} is not a valid `dinolike eval` command line"
     if not words or words[0] not in protocols:
         raise EvalError(f"{line!r}: the protocol must be one of {', '.join(protocols)}")
     keys = load_schema(SCHEMA).eval
@@ -199,15 +200,15 @@ def protocol_line(line: str, protocols: Sequence[str]) -> tuple[str, dict[str, A
         elif word.startswith("--"):
             key = word[2:].replace("-", "_")
             if key not in keys or isinstance(keys[key], DictConfig) or key in NOT_IN_A_LINE:
-                raise EvalError(f"{line!r}: unknown option {word}")
+                raise EvalError(f"{bad}: unknown option {word}")
             value = next(rest, None)
             if value is None:
-                raise EvalError(f"{line!r}: {word} needs a value")
+                raise EvalError(f"{bad}: {word} needs a value")
             job[key] = _scalar(value)
         elif "=" in word:
             opts.append(word)
         else:
-            raise EvalError(f"{line!r}: unexpected {word!r}")
+            raise EvalError(f"{bad}: unexpected {word!r}")
     return words[0], job, opts
 
 
