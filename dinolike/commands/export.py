@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dinolike.errors import CollapsedBackboneError
 from dinolike.interop.common import at_eval_grid, describe_backbone
 from dinolike.models.load import CheckpointMismatchError
 
@@ -64,10 +65,6 @@ def _interpolation_note(cfg: dict[str, Any], fmt: str, crop: int) -> str | None:
     return None
 
 
-class CollapsedBackboneError(ValueError):
-    """The backbone gives every input the same embedding: exporting it would ship a useless model."""
-
-
 def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", allow_collapsed: bool = False) -> Path:
     """Convert `ckpt` into `fmt` under `out`; returns the directory. Raises CheckpointMismatchError
     (InteropError) with a readable message on bad input, and CollapsedBackboneError for a backbone whose
@@ -87,16 +84,18 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", 
     explicit = describe_backbone(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     run_cfg, run_dir = find_run_config(ckpt)
     prep = preprocessing(run_cfg, explicit)
     cosine = backbone_cls_cosine(model, int(explicit.get("in_chans", 3)), prep.crop)
     collapsed = cosine if cosine >= CONSTANT_COSINE else None
-    if collapsed is not None and not allow_collapsed:
+    if collapsed is not None and not allow_collapsed:  # before --out exists: a refusal leaves no empty folder
         raise CollapsedBackboneError(
             f"refusing to export {ckpt}: it gives every input the same CLS embedding (mean cosine {cosine:.5f} "
             "over 32 probe images), so it has collapsed or never learned (e.g. LayerScale 1e-5 in a short run); "
             "--allow-collapsed exports it anyway, marked so in its model card")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     if fmt == "official":
         export_backbone(model, explicit, out / "backbone.pth")
     elif fmt == "hf":

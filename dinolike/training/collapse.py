@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from dinolike.errors import DinolikeError
 from dinolike.evaluation.spread import CONSTANT_COSINE
 
 
-class CollapseError(RuntimeError):
+class CollapseError(DinolikeError, RuntimeError):
     """The representation collapsed; the message names the iteration, the symptom and what to change."""
 
 
