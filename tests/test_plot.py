@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from testkit import SMOKE
 
-from dinolike.commands.train import grey_scale_warning
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
+from dinolike.training.data import grey_scale_warning
 from eval.plot import curves_figure
 
 K = 256  # the smoke recipe's prototypes (heads.out_dim)

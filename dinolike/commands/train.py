@@ -7,13 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from dinolike.local_procs import CHILD_ENV
+from dinolike.training.preempt import EXIT_REQUEUE, StopSignal, install_startup_signals
 
-from dinolike.config import CONFIG_DIR, ConfigError, load_config
-from dinolike.dist import launcher
-from dinolike.local_procs import CHILD_ENV, run_local
-from dinolike.training.rundir import check_output_dir
+if TYPE_CHECKING:  # the heavy imports (torch, omegaconf) wait until the stop signals are caught
+    from omegaconf import DictConfig
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
 def missing_config_message() -> str:
     """No --config: base.yaml alone is the ViT-L schema (125k iterations of 224 px crops), never what a user
     meant, so name the recipes instead of starting it."""
+    from dinolike.config import CONFIG_DIR
+
     recipes = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.name != "base.yaml")
     return ("give a recipe with --config FILE, e.g. --config fmnist_cpu.yaml (the CPU main job) or "
             f"--config folder_vits14.yaml (your images, one GPU); shipped (by name from any folder): "
@@ -43,6 +45,7 @@ def missing_config_message() -> str:
 def validate(argv: list[str]) -> DictConfig:
     """The merged config of `train|distill ARGS`, checked before any work (also what `dinolike submit`
     runs before submitting). Raises ConfigError; argparse exits on a malformed command line."""
+    from dinolike.config import ConfigError, load_config
     from dinolike.training.validate import check_train_config
 
     command, args = parse(argv)
@@ -59,6 +62,27 @@ def validate(argv: list[str]) -> DictConfig:
 
 
 def main(argv: list[str]) -> int:
+    """`dinolike train|distill ARGS`: from its first line, a stop signal or Ctrl-C ends it with one line (a
+    Ctrl-C during `import torch` used to print a 72-line traceback, a SIGTERM killed it silently)."""
+    command = argv[0]
+    install_startup_signals()
+    try:
+        return _main(argv)
+    except StopSignal as e:
+        print(f"\ndinolike {command}: stopped by {e.name} outside the training loop (start-up, export or final "
+              "kNN); the newest checkpoint (if any) is intact: run the same command to start or resume",
+              file=sys.stderr)
+        return EXIT_REQUEUE
+    except KeyboardInterrupt:  # the second Ctrl-C (the first stops with a checkpoint), or one before training
+        print(f"\ndinolike {command}: interrupted; the newest checkpoint (if any) is intact: run the same command "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    from dinolike.config import ConfigError
+    from dinolike.training.rundir import check_output_dir
+
     command = argv[0]
     try:
         cfg = validate(argv)
@@ -67,8 +91,6 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"dinolike {command}: error: {e}", file=sys.stderr)
         return 2
-    if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
-        print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
     from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError
@@ -103,6 +125,22 @@ def run(argv: list[str], cfg: DictConfig) -> int:
     """Run `dinolike train|distill ARGV` whose checked config is `cfg` (from `validate(argv)`): in this
     process, or as `dist.local_processes` processes it starts and supervises; then the final kNN. Returns
     the exit status; the training errors (a non-finite loss, a collapse, a bad dataset ...) are raised."""
+    from contextlib import nullcontext
+
+    from dinolike.training.data import check_data_exists
+    from dinolike.training.rundir import check_output_dir
+    from dinolike.training.runlock import RunLock, lock_holder
+
+    check_data_exists(cfg.data.train)
+    if lock_holder():
+        check_output_dir(Path(cfg.run.output_dir))  # the API comes here without `main`'s check
+    with RunLock(Path(cfg.run.output_dir)) if lock_holder() else nullcontext():  # one folder, one run
+        return _run(argv, cfg)
+
+
+def _run(argv: list[str], cfg: DictConfig) -> int:
+    from dinolike.dist import launcher
+    from dinolike.local_procs import run_local
     from dinolike.training.loop import train
 
     local_child = os.environ.get(CHILD_ENV) == "1"
@@ -119,26 +157,6 @@ def run(argv: list[str], cfg: DictConfig) -> int:
     if status == 0 and cfg.eval.final_knn and not local_child:
         return final_knn(cfg)  # under torchrun/SLURM every rank takes part (features are extracted in shards)
     return status
-
-
-def grey_scale_warning(cfg: DictConfig) -> str | None:
-    """A warning when a 1-channel recipe (made for 28 px Fashion-MNIST) is about to train on photos: the
-    first image of data.train is colour, or larger than the global crop. None for grey-scale images of
-    the crop's size (Fashion-MNIST itself, or its images as files: a manifest, the curation demo pool)."""
-    from dinolike.data.datasets import first_image
-
-    if cfg.model.in_chans != 1 or str(cfg.data.train).startswith("fmnist"):
-        return None
-    found = first_image(str(cfg.data.train))
-    if found is None:  # unreadable or no image: training reports it, in its own words
-        return None
-    path, mode, size = found
-    crop = int(cfg.crops.global_size)
-    if mode in ("1", "L", "LA", "I", "I;16", "F") and max(size) <= crop:
-        return None
-    return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
-            f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
-            "configs/folder_vits14.yaml")
 
 
 def final_knn(cfg: DictConfig) -> int:

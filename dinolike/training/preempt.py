@@ -51,3 +51,28 @@ class StopFlag:
         if self.requested is None and self._deadline is not None and time.monotonic() > self._deadline:
             self.requested = "time_limit"
         return self.requested
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGUSR2 before the loop's StopFlag listens (start-up: imports, model, data) or after it
+    (the export, the final kNN). A BaseException like KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopSignal(signal.Signals(signum).name)
+
+
+def install_startup_signals() -> None:
+    """From the first line of `dinolike train`: SIGTERM (a scheduler, `kill`, the parent of local processes)
+    and SIGUSR2 used to kill the start-up silently (status -15, nothing printed); now they raise StopSignal,
+    which the command turns into one line and exit status 3, as a stop in the loop gives. Ctrl-C (SIGINT)
+    keeps Python's KeyboardInterrupt, which the command catches from its first line too."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        try:
+            signal.signal(sig, _raise_stop)
+        except ValueError:  # not the main thread (an API call from a thread): signals stay as they are
+            pass
