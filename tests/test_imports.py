@@ -22,6 +22,7 @@ INSTALLED = {"dinolike_eval": "eval", "dinolike_curation": "curation", "dinolike
 # so it stands on the command floor, and no library module may import the bare package.
 FLOORS: dict[str, int] = {
     "dinolike": 4, "dinolike.config": 0,  # the strict config loader: any floor reads configs
+    "dinolike.errors": 0,  # the error family's base (DinolikeError): every floor raises its members
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,

@@ -108,8 +108,8 @@ class StepTimer:
     once `min_steps` iterations and `min_seconds` have passed, or after `max_steps`.
     """
 
-    def __init__(self, start: int, device: torch.device, skip: int = 1, min_steps: int = 3,
-                 min_seconds: float = 3.0, max_steps: int = 200) -> None:
+    def __init__(self, start: int, device: torch.device, skip: int = 1, min_steps: int = 10,
+                 min_seconds: float = 10.0, max_steps: int = 200) -> None:
         self.device, self.first = device, start + skip
         self.min_steps, self.min_seconds, self.max_steps = min_steps, min_seconds, max_steps
         self.t0: float | None = None
@@ -126,7 +126,10 @@ class StepTimer:
             self.t0, self.span = now, (it, it)
             return None
         n, elapsed = it - self.span[0], now - self.t0
-        if not ((n >= self.min_steps and elapsed >= self.min_seconds) or n >= self.max_steps or it >= total):
+        if it >= total:  # a run shorter than the timing: nothing left to estimate
+            self.done = True
+            return None
+        if not ((n >= self.min_steps and elapsed >= self.min_seconds) or n >= self.max_steps):
             return None
         self.done, self.span = True, (self.span[0], it)
         return elapsed / n
