@@ -174,15 +174,22 @@ def _parent(pid: int) -> int | None:
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path, capsys):
-    from dinolike.training.runlock import RunLock
-
+    """The issue's trial: two runs into one folder, the second started while the first trains. Both used to
+    be accepted as a new run; metrics rows, summaries and checkpoints interleaved."""
     out = tmp_path / "run"
-    out.mkdir()
-    with RunLock(out):  # a run in progress (a lock is per open file: this process counts as another run)
-        assert cli.main(smoke(out)) == 2
-    err = one_line_error(capsys.readouterr().err)
-    assert f"run.output_dir {out} is in use by another run (process {os.getpid()} on" in err, err
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+    first = _start(out)
+    _wait(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1,
+          first, "logged a row")
+    try:
+        assert cli.main(smoke(out, "run.time_limit_min=0.05", epochs=100)) == 2
+        err = one_line_error(capsys.readouterr().err)
+        assert f"run.output_dir {out} is in use by another run (process {first.pid} on" in err, err
+    finally:
+        os.kill(first.pid, signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 3
+    its = [int(ln.split('"iteration": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert its == sorted(set(its)), its  # one run's rows only
 
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
