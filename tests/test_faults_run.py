@@ -352,10 +352,12 @@ def test_log_txt_and_the_terminal_tell_the_whole_run(tmp_path, capsys):
     log = (out / "log.txt").read_text()
     assert "ckpt_0000009.pt: EOFError" in log and "resuming from ckpt_0000006.pt" in log
     assert "resuming at iteration 6 from ckpt_0000006.pt" in log
-    assert cli.main(smoke(out, "data.train=folder:/nonexistent/folder", "run.allow_config_change=true",
-                          epochs=1.8)) == 2
+    broken = tmp_path / "broken"  # a folder whose only image is unreadable: the run fails inside
+    broken.mkdir()
+    (broken / "0.png").write_bytes(b"not a png")
+    assert cli.main(smoke(out, f"data.train=folder:{broken}", "run.allow_config_change=true", epochs=1.8)) == 2
     last = (out / "log.txt").read_text().strip().splitlines()[-1]
-    assert " error: " in last and "/nonexistent/folder" in last
+    assert " error: " in last and str(broken) in last
     record("log-txt", f"clean run: {len(log.splitlines())} lines (summary, rows, end); last line of a failed "
                       f"run: {last.split(' ', 2)[2][:100]}")
 

@@ -300,11 +300,8 @@ def _say_start(cfg: DictConfig, env: dist.DistEnv, method: Method, runlog: RunLo
 
 def _say_estimate(cfg: DictConfig, env: dist.DistEnv, runlog: RunLog, per_it: float, span: tuple[int, int],
                   total: int, bar) -> None:
-    """The estimate from the timed first iterations; the hours warning when the FLOP bound missed them."""
+    """The estimate from the timed first iterations (rank 0 says it; every rank's step includes the others')."""
     runlog.say(estimate_line(cfg, env.device, env.world_size, per_it, span, total), bar)
-    warning = cpu_warning(cfg, env.device, per_it * (total - span[1]))
-    if warning and env.is_main:
-        log.warning(warning)
 
 
 def _write_row(metrics_file, row: dict, out: Path) -> None:
