@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_faults_run import TINY, one_line_error
+from testkit import unreadable_folder
 
 import dinolike
 from dinolike.commands import export as export_cmd
@@ -44,10 +45,7 @@ def test_missing_data_is_a_config_error_naming_it(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_folder_raises_train_error_in_one_process(tmp_path: Path) -> None:
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for i in range(3):
-        (bad / f"{i}.png").write_bytes(b"not a png")
+    bad = unreadable_folder(tmp_path / "bad")
     with pytest.raises(dinolike.TrainError, match="DataError") as e:
         dinolike.train(tmp_path / "run", data=bad, recipe="fmnist_smoke.yaml")
     assert isinstance(e.value.__cause__, dinolike.DataError)

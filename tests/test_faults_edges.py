@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 from test_faults_run import _folder_run, ckpt_names, one_line_error, rgb_folder, smoke, tmpfs  # noqa: F401
+from testkit import no_training_step
 
 from dinolike.commands import embed as embed_cmd
 from dinolike.commands import export as export_cmd
 from dinolike.commands import train as cli
-from dinolike.training import estimate, loop
+from dinolike.training import estimate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,16 +217,10 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog)
 
 
 def test_the_grey_scale_warning_of_a_photo_folder_is_in_log_txt(tmp_path, monkeypatch, caplog):
-    class FirstStep(Exception):
-        pass
-
-    def no_step(*args, **kwargs):
-        raise FirstStep
-
-    monkeypatch.setattr(loop, "train_step", no_step)
+    first_step = no_training_step(monkeypatch)
     folder = rgb_folder(tmp_path / "photos", n=8, size=48)
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="dinolike.train"), pytest.raises(FirstStep):
+    with caplog.at_level("WARNING", logger="dinolike.train"), pytest.raises(first_step):
         cli.main(smoke(out, f"data.train=folder-nolabels:{folder}"))
     warning = next(r.getMessage() for r in caplog.records if "48x48 RGB image" in r.getMessage())
     assert "1-channel grey-scale" in warning and warning in (out / "log.txt").read_text()

@@ -22,6 +22,7 @@ import pytest
 import torch
 from faultlog import record
 from PIL import Image
+from testkit import no_training_step
 
 from dinolike.commands import export as export_cmd
 from dinolike.commands import train as cli
@@ -366,13 +367,7 @@ def test_log_txt_and_the_terminal_tell_the_whole_run(tmp_path, capsys):
 
 
 def test_a_gpu_recipe_on_the_cpu_says_so_with_its_time_before_the_first_step(tmp_path, monkeypatch, caplog):
-    class FirstStep(Exception):
-        pass
-
-    def no_step(*args, **kwargs):
-        raise FirstStep
-
-    monkeypatch.setattr(loop, "train_step", no_step)
+    FirstStep = no_training_step(monkeypatch)  # noqa: N806 - an exception class
     folder = rgb_folder(tmp_path / "photos", n=8, size=64)
     cfg = load_config(FOLDER_RECIPE, [f"data.train=folder-nolabels:{folder}", "data.num_workers=0",
                                       "data.batch_size=2", "run.device=cpu", "run.tensorboard=false",
@@ -387,5 +382,5 @@ def test_a_gpu_recipe_on_the_cpu_says_so_with_its_time_before_the_first_step(tmp
     small = load_config(REPO / "configs" / "fmnist_cpu.yaml")
     vit = build_backbone(small.model)
     seconds = estimate_seconds_per_iteration(small, vit, torch.device("cpu")) * 5154
-    assert seconds < 3 * 3600 and cpu_warning(small, torch.device("cpu"), seconds) is None
+    assert cpu_warning(small, torch.device("cpu"), seconds) is None, seconds
     record("cpu-estimate", warning)

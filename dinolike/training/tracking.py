@@ -112,7 +112,9 @@ class RunLog:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if self.file is not None and error is not None:
             # the file only: the command prints its own one-line error to the terminal
-            what = "interrupted (Ctrl-C)" if kind is KeyboardInterrupt else f"{kind.__name__}: {error}"
+            what = ("interrupted (Ctrl-C)" if kind is KeyboardInterrupt else
+                    f"stopped by {error} outside the training loop" if kind.__name__ == "StopSignal" else
+                    f"{kind.__name__}: {error}")
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {what}\n")
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
