@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dinolike.local_procs import CHILD_ENV
-from dinolike.training.preempt import EXIT_REQUEUE, StopSignal, install_startup_signals
+from dinolike.training.preempt import EXIT_REQUEUE, StopSignal, startup_signals
 
 if TYPE_CHECKING:  # the heavy imports (torch, omegaconf) wait until the stop signals are caught
     from omegaconf import DictConfig
@@ -65,9 +65,9 @@ def main(argv: list[str]) -> int:
     """`dinolike train|distill ARGS`: from its first line, a stop signal or Ctrl-C ends it with one line (a
     Ctrl-C during `import torch` used to print a 72-line traceback, a SIGTERM killed it silently)."""
     command = argv[0]
-    install_startup_signals()
     try:
-        return _main(argv)
+        with startup_signals():
+            return _main(argv)
     except StopSignal as e:
         print(f"\ndinolike {command}: stopped by {e.name} outside the training loop (start-up, export or final "
               "kNN); the newest checkpoint (if any) is intact: run the same command to start or resume",
