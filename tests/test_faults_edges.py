@@ -82,8 +82,9 @@ def test_no_path_leaves_or_serves_a_constant_teacher(tmp_path, monkeypatch, caps
     refused = one_line_error(capsys.readouterr().err)
     assert "refusing to embed" in refused and "--allow-collapsed" in refused and not target.exists()
     assert embed_cmd.main([str(out), "--data", f"folder:{images}", "--out", str(target), "--no-progress",
-                           "--allow-collapsed"]) == 0  # the user insists
-    capsys.readouterr()
+                           "--allow-collapsed"]) == 0  # the user insists, and is told what was embedded
+    said = capsys.readouterr().err
+    assert "has no teacher_backbone.pth" in said and "checkpoints/ckpt_0000005.pt" in said, said
 
     # the end of the run, and a finished run started again, remove an older export too
     plant_stale_export()

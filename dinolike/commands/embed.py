@@ -85,6 +85,18 @@ def check_writable_parent(out: Path) -> None:
         raise EmbedError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
 
 
+def checkpoint_note(pretrained: Path, which: str) -> str | None:
+    """What a run folder without its teacher export is embedded with (its newest checkpoint), said aloud: the
+    run has not finished, or its end refused the export."""
+    if which != "teacher" or not pretrained.is_dir() or (pretrained / "teacher_backbone.pth").is_file():
+        return None
+    newest = sorted((pretrained / "checkpoints").glob("ckpt_*.pt"))[-1:]
+    if not newest or (pretrained / "backbone.pth").is_file():
+        return None
+    return (f"{pretrained} has no teacher_backbone.pth (the run has not finished, or its end refused the export): "
+            f"embedding with the teacher of {newest[0].relative_to(pretrained)}")
+
+
 def write(emb: Embeddings, out: Path, meta: dict) -> list[Path]:
     """Write `emb` as `out` says (see the module docstring); returns the files written."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +140,8 @@ def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
     except ValueError as e:
         raise EmbedError(f"--data: {e}") from None
     model, prep = load_backbone(args.pretrained, args.which)
+    if note := checkpoint_note(Path(args.pretrained), args.which):
+        print(f"dinolike embed: note: {note}", file=sys.stderr)
     if not args.allow_collapsed:
         refuse_collapsed(model, prep, str(args.pretrained))
     emb = embed(model, spec, prep, patches=args.patches, batch_size=args.batch_size, num_workers=args.num_workers,
