@@ -98,7 +98,9 @@ def train(
     file; None keeps the recipe's own. recipe: a recipe file or the name of a shipped one
     (`fmnist_smoke.yaml`, `fmnist_cpu.yaml`, `folder_vits14.yaml`). overrides: sections as dicts
     (`optim={"epochs": 3}`) or dotted keys (`**{"optim.epochs": 3}`), checked like the command line's.
-    Run it again with the same arguments and it resumes from the newest checkpoint.
+    Run it again with the same arguments and it resumes from the newest checkpoint. Raises ConfigError
+    before any work (a bad setting, data not found, `out_dir` in use by another run), TrainError when the
+    run fails or is stopped (the cause chained).
     """
     from dinolike.commands.train import run, validate
     from dinolike.data.datasets import as_spec
