@@ -47,9 +47,10 @@ class RunLock:
         except OSError as e:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process of another host"
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"cannot lock run.output_dir {self.path.parent} ({e.strerror}): its file "
-                                  "system has no file locks; give another run.output_dir") from None
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a file system without locks
+                log.warning("cannot lock run.output_dir %s (%s): a second run into it would not be refused",
+                            self.path.parent, e.strerror)
+                return self
             raise ConfigError(f"run.output_dir {self.path.parent} is in use by another run ({holder}): wait for "
                               "it to end or stop it, or give another run.output_dir") from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
