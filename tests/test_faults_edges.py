@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faultlog import record
 from test_faults_run import _folder_run, ckpt_names, one_line_error, rgb_folder, smoke, tmpfs  # noqa: F401
 from testkit import no_training_step
 
@@ -95,6 +96,8 @@ def test_no_path_leaves_or_serves_a_constant_teacher(tmp_path, monkeypatch, caps
     assert cli.main(_folder_run(tmp_path, out, constant)) == 1  # nothing to do: the same check
     assert "older export" in one_line_error(capsys.readouterr().err)
     assert not (out / "teacher_backbone.pth").exists()
+    record("constant-every-path", f"Ctrl-C, exit 3: '{line[:120]}...'; time limit and end: exit 1, older export "
+                                  f"removed; embed, exit 2: 'refusing to embed ... it gives{refused.split('it gives', 1)[1][:70]}...'")
 
 
 # ---------------------------------------------------------------------------- 3. embed --out, up front
@@ -112,6 +115,7 @@ def test_embed_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, t
     assert embed_cmd.main([str(missing_model), "--data", "fmnist:test", "--out", str(read_only / "emb.npy")]) == 2
     err = one_line_error(capsys.readouterr().err)
     assert "--out" in err and "cannot write" in err and "Read-only file system" in err, err
+    record("embed-out", err)
 
 
 # --------------------------------------------------------------- 4, 5. signals during start-up
@@ -148,6 +152,7 @@ def test_a_signal_during_import_torch_is_one_line(tmp_path, sig, status, said):
     _, err = p.communicate(timeout=120)
     assert p.returncode == status, (p.returncode, err)
     assert "Traceback" not in err and said in err and len(err.strip().splitlines()) == 1, err
+    record("startup-signals", f"{signal.Signals(sig).name} in import torch: exit {status}, {err.strip()[:80]}...")
 
 
 def test_sigterm_while_two_processes_start_says_so_and_exits_3(tmp_path):
@@ -163,6 +168,7 @@ def test_sigterm_while_two_processes_start_says_so_and_exits_3(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 3, (p.returncode, err)
     assert "Traceback" not in err and "stopped by SIGTERM" in err, err
+    record("startup-signals", f"SIGTERM while 2 processes start: exit 3, {err.strip().splitlines()[0][:80]}...")
 
 
 def _parent(pid: int) -> int | None:
@@ -192,6 +198,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_in_one_line(tmp_path, caps
     assert first.returncode == 3
     its = [int(ln.split('"iteration": ')[1].split(",")[0]) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert its == sorted(set(its)), its  # one run's rows only
+    record("output-dir-in-use", f"{err[:200]}...")
 
 
 def test_the_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
