@@ -96,8 +96,9 @@ def test_no_path_leaves_or_serves_a_constant_teacher(tmp_path, monkeypatch, caps
     assert cli.main(_folder_run(tmp_path, out, constant)) == 1  # nothing to do: the same check
     assert "older export" in one_line_error(capsys.readouterr().err)
     assert not (out / "teacher_backbone.pth").exists()
+    gives = refused.split("it gives", 1)[1][:70]
     record("constant-every-path", f"Ctrl-C, exit 3: '{line[:120]}...'; time limit and end: exit 1, older export "
-                                  f"removed; embed, exit 2: 'refusing to embed ... it gives{refused.split('it gives', 1)[1][:70]}...'")
+                                  f"removed; embed, exit 2: 'refusing to embed ... it gives{gives}...'")
 
 
 # ---------------------------------------------------------------------------- 3. embed --out, up front
