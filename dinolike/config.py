@@ -18,6 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from dinolike.errors import DinolikeError
+
 
 def _shipped_config_dir() -> Path:
     """The recipes that ship with dinolike: the top-level `configs/` of a source checkout (an editable
@@ -35,7 +37,7 @@ CONFIG_DIR = _shipped_config_dir()
 BASE = CONFIG_DIR / "base.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(DinolikeError, ValueError):
     """A config problem the user can fix; the message says which key or file."""
 
 
@@ -56,8 +58,12 @@ def find_config(path: str | Path, search: Sequence[Path] = (), what: str = "conf
     for candidate in tried:
         if candidate.is_file():
             return candidate.absolute()
+    if not path.suffix:  # `--config fmnist_smoke`: the recipe's name without .yaml
+        return find_config(path.with_name(f"{path.name}.yaml"), search, what)
     looked = ", ".join(dict.fromkeys(str(c.parent) for c in tried))
-    raise ConfigError(f"{what} not found: {path} (looked in {looked})")
+    close = difflib.get_close_matches(path.name, [p.name for p in CONFIG_DIR.glob("*.yaml")], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"{what} not found: {path} (looked in {looked}){hint}")
 
 
 def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:

@@ -63,9 +63,11 @@ def run_local(argv: list[str], n: int, program: list[str] | None = None) -> int:
                               preexec_fn=_die_with_parent) for r in range(n)]
 
     interrupts = 0
+    stopped: list[str] = []  # the stop signal this parent forwarded, if any
 
     def forward(signum: int, frame: object) -> None:
         nonlocal interrupts
+        stopped.append(signal.Signals(signum).name)
         sent = signal.SIGUSR2 if signum == signal.SIGUSR2 else signal.SIGTERM
         if signum == signal.SIGINT:
             interrupts += 1
@@ -101,4 +103,10 @@ def run_local(argv: list[str], n: int, program: list[str] | None = None) -> int:
     for p in procs:
         if p.returncode != 0 and status == 0:
             status = p.returncode
+    if stopped and status in (-signal.SIGTERM, -signal.SIGUSR2):
+        # a child still starting (before Python could catch the signal) died of the stop it was sent:
+        # that is a stop, not a failure, and it must be said (it used to be exit 1 and no word)
+        os.write(2, f"\nstopped by {stopped[0]} while the {n} processes were starting; the newest checkpoint "
+                    "(if any) is intact: run the same command to start or resume\n".encode())
+        return 3
     return status if status >= 0 else 1  # a child killed by a signal has a negative returncode

@@ -89,6 +89,20 @@ FAULTS: dict[str, tuple[str, str]] = {
     "cpu-estimate": ("`configs/folder_vits14.yaml` (ViT-S/14, 224 px) started on a CPU",
                      "before the first step: a warning with the estimated time on this CPU (log.txt and "
                      "terminal); the CPU main job gets none"),
+    "constant-every-path": ("LayerScale 1e-5 (constant embeddings) stopped by Ctrl-C, by `run.time_limit_min`, at "
+                            "its end and started again when finished, with an older export planted beside it; "
+                            "then `dinolike embed RUN`",
+                            "no path exports it: Ctrl-C exit 3 saying the teacher was not exported, the time limit "
+                            "and the end exit 1; the older export is removed; embed refuses in one line, exit 2 "
+                            "(`--allow-collapsed` embeds, naming the checkpoint it used)"),
+    "embed-out": ("`dinolike embed --out` under a parent that is a file, or on a read-only filesystem",
+                  "one-line error naming --out before the backbone is even loaded, exit 2"),
+    "startup-signals": ("SIGTERM or Ctrl-C during `import torch` (1 process); SIGTERM while 2 processes start",
+                        "one line, no traceback: SIGTERM exit 3, Ctrl-C exit 130"),
+    "output-dir-in-use": ("a second `dinolike train` into the folder of a run in progress; the lock of a run "
+                          "killed by SIGKILL",
+                          "refused in one line naming the running process, exit 2, the first run's rows alone in "
+                          "metrics.jsonl; a dead run's lock is taken over with a warning (terminal and log.txt)"),
 }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from testkit import REPO
+from testkit import REPO, unreadable_folder
 
 import dinolike
 from dinolike.config import ConfigError
@@ -97,10 +97,7 @@ def test_a_failed_run_raises_train_error(tmp_path: Path) -> None:
     """Worker processes (dist.local_processes) that fail on unreadable data: TrainError, not a status."""
     from dinolike.commands.api import TrainError
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for i in range(3):
-        (bad / f"{i}.png").write_bytes(b"not a png")
+    bad = unreadable_folder(tmp_path / "bad")
     with pytest.raises(TrainError, match="exit status 2"):
         dinolike.train(tmp_path / "run", data=bad, recipe="fmnist_smoke.yaml", dist={"local_processes": 2})
 

@@ -112,7 +112,7 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
     """`auto` turns bf16 on exactly where the CPU has bf16 instructions, and the start summary says
     which precision the run uses (it used to print fp32 whatever the setting)."""
     from dinolike.training import step
-    from dinolike.training.summary import start_lines
+    from dinolike.training.summary import estimate_line, start_lines
 
     cfg = load_config(CONFIG, ["precision.cpu=auto"])
     check_train_config(cfg)
@@ -129,9 +129,11 @@ def test_cpu_bf16_auto_follows_the_cpu(monkeypatch) -> None:
             y = torch.nn.functional.linear(torch.randn(2, 4), torch.randn(3, 4))  # [2, 3]
         assert y.dtype == (torch.bfloat16 if native else torch.float32)
         lines = start_lines(cfg, out="o", how="new run", images=10, world=1, device=CPU, backbone=backbone,
-                            heads=None, start=0, total=5, seconds_per_it=0.1)
+                            heads=None, start=0, total=5)
         device_line = next(line for line in lines if line.strip().startswith("device"))
         assert ("bf16 autocast" in device_line) is native and ("fp32" in device_line) is not native
+        estimate = estimate_line(cfg, CPU, 2, 0.5, (1, 3), 5)  # the measured estimate names its case too
+        assert ("bf16 autocast" in estimate) is native and ("fp32" in estimate) is not native, estimate
     step.native_cpu_bf16.cache_clear()  # the real CPU again for the tests after this one
     for fixed in (True, False):  # bf16 / fp32 do not look at the CPU
         value = "bf16" if fixed else "fp32"

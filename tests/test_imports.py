@@ -20,6 +20,7 @@ ROOTS = ("dinolike", "eval", "curation", "launch", "benchmarks")
 # so it stands on the command floor, and no library module may import the bare package.
 FLOORS: dict[str, int] = {
     "dinolike": 5, "dinolike.config": 0,  # the strict config loader: any floor reads configs
+    "dinolike.errors": 0,  # the error family's base (DinolikeError): every floor raises its members
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,

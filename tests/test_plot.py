@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 from testkit import SMOKE
 
-from dinolike.jobs.train import grey_scale_warning
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.eval.plot import curves_figure
+from dinolike.training.data import grey_scale_warning
 
 K = 256  # the smoke recipe's prototypes (heads.out_dim)
 

@@ -27,3 +27,27 @@ def free_port() -> int:
 def unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length, float32 (what the embedders hand to faiss)."""
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def unreadable_folder(root: Path, n: int = 3) -> Path:
+    """A folder of `n` files named .png that are no images: a dataset with nothing readable."""
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"{i}.png").write_bytes(b"not a png")
+    return root
+
+
+class FirstStep(Exception):
+    """Raised instead of the first training step by `no_training_step`."""
+
+
+def no_training_step(monkeypatch) -> type[FirstStep]:
+    """Make `dinolike.training.loop` raise FirstStep at its first step: the start-up, summary and warnings
+    of a run without its training."""
+    from dinolike.training import loop
+
+    def no_step(*args, **kwargs):
+        raise FirstStep
+
+    monkeypatch.setattr(loop, "train_step", no_step)
+    return FirstStep

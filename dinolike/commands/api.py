@@ -2,9 +2,12 @@
 
 Each is the command of the same name, called from Python: `train` runs exactly what `dinolike train`
 runs (the strict config loader, its checks, `dist.local_processes` worker processes, the final kNN),
-`embed` what `dinolike embed` runs, without the file. Bad input raises an exception whose message is the
-one line the command would print (ConfigError, a ValueError, for a config or a data spec;
-FileNotFoundError for a missing checkpoint); a run that fails raises TrainError.
+`embed` what `dinolike embed` runs, without the file. Every error they raise on purpose is a
+`dinolike.DinolikeError` (README, "Python API"), whose message is the one line the command would print:
+ConfigError (bad recipe, override, argument or data spec, data that does not exist, an output folder in
+use: nothing ran), NotFoundError (no such checkpoint or run), CheckpointMismatchError (not a backbone we
+read), DataError (no readable image), CollapsedBackboneError (a backbone that gives every image the same
+embedding) and TrainError (a run that started and failed or stopped; its cause chained).
 """
 
 from __future__ import annotations
@@ -21,13 +24,23 @@ from omegaconf import DictConfig
 from torch import nn
 
 from dinolike.config import ConfigError, find_config
+from dinolike.errors import CollapsedBackboneError, DinolikeError, NotFoundError
 from dinolike.eval.embed import Embeddings, Preprocess
+
+__all__ = ["CollapsedBackboneError", "ConfigError", "DinolikeError", "NotFoundError", "TrainError", "TrainResult",
+           "embed", "load", "train"]
 
 DEFAULT_RECIPE = "folder_vits14.yaml"  # ViT-S/14 on your own RGB images (configs/folder_vits14.yaml)
 
 
-class TrainError(RuntimeError):
-    """A training run that ended with a non-zero status (its error was printed and is in log.txt)."""
+class TrainError(DinolikeError, RuntimeError):
+    """A training run that started and did not finish: it failed (collapse, a non-finite loss, unreadable
+    data, a full disk; the cause is chained as `__cause__`) or was stopped (`status` 3: run the same call
+    again to resume). Its error is in the run's log.txt."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,9 @@ def train(
     file; None keeps the recipe's own. recipe: a recipe file or the name of a shipped one
     (`fmnist_smoke.yaml`, `fmnist_cpu.yaml`, `folder_vits14.yaml`). overrides: sections as dicts
     (`optim={"epochs": 3}`) or dotted keys (`**{"optim.epochs": 3}`), checked like the command line's.
-    Run it again with the same arguments and it resumes from the newest checkpoint.
+    Run it again with the same arguments and it resumes from the newest checkpoint. Raises ConfigError
+    before any work (a bad setting, data not found, `out_dir` in use by another run), TrainError when the
+    run fails or is stopped (the cause chained).
     """
     from dinolike.data.datasets import as_spec
     from dinolike.jobs.train import train_config, train_job
@@ -95,10 +110,17 @@ def train(
         except ValueError as e:
             raise ConfigError(f"data: {e}") from None
     cfg = train_config(find_config(recipe), delta=_merge(delta, nested(overrides)))
-    status = train_job(cfg)
+    log_txt = Path(cfg.run.output_dir) / "log.txt"
+    try:
+        status = train_job(cfg)
+    except ConfigError:
+        raise  # refused before any work (data not found, a folder in use, a changed config on resume)
+    except (DinolikeError, OSError, ValueError) as e:  # the run started and failed
+        raise TrainError(f"dinolike.train: {type(e).__name__}: {e} (see {log_txt})") from e
     if status != 0:
-        raise TrainError(f"dinolike.train: the run stopped with exit status {status}; see its error above and "
-                         f"{cfg.run.output_dir}/log.txt (run the same call again to resume)")
+        what = "was stopped; run the same call again to resume" if status == 3 else "failed"
+        raise TrainError(f"dinolike.train: the run {what} (exit status {status}); see its error above and "
+                         f"{log_txt}", status)
     return TrainResult(Path(cfg.run.output_dir), cfg)
 
 
@@ -116,22 +138,50 @@ def load(ckpt_or_run: str | os.PathLike, which: str = "teacher") -> tuple[nn.Mod
 def embed(
     model: str | os.PathLike | nn.Module, data: str | os.PathLike, preprocess: Preprocess | None = None, *,
     patches: bool = False, batch_size: int = 256, num_workers: int = 0, device: str | None = None,
-    progress: bool = False,
+    progress: bool = False, allow_collapsed: bool = False,
 ) -> Embeddings:
     """Embeddings of every readable image of `data` (a spec, a folder or a list file), with file names.
 
     model: a run folder, a checkpoint or an export (its run's preprocessing is used), or a backbone from
     `load` with its `preprocess`. Returns `Embeddings` (`.names`, `.cls` [N, D], `.patches` [N, D] when
-    asked for, `.labels`, `.skipped`).
+    asked for, `.labels`, `.skipped`). A backbone that gives every image the same embedding (a run that
+    collapsed or never learned) raises CollapsedBackboneError, unless `allow_collapsed`.
     """
     from dinolike.data.datasets import as_spec, build_dataset
     from dinolike.eval.embed import embed_dataset, load_backbone
 
+    try:
+        spec = as_spec(data)
+    except ValueError as e:
+        raise (NotFoundError if "not found" in str(e) else ConfigError)(f"data: {e}") from None
     if not isinstance(model, nn.Module):
+        source = str(model)
         model, preprocess = load_backbone(model)
     elif preprocess is None:
-        raise ValueError("embed(model, ...) with a loaded model needs its preprocess: model, preprocess = load(...)")
-    dataset = build_dataset(as_spec(data), channels=preprocess.channels)
+        raise ConfigError("embed(model, ...) with a loaded model needs its preprocess: model, preprocess = load(...)")
+    else:
+        source = "the model given"
+    if not allow_collapsed:
+        refuse_collapsed(model, preprocess, source)
+    dataset = build_dataset(spec, channels=preprocess.channels)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return embed_dataset(model, dataset, preprocess, patches=patches, batch_size=batch_size,
                          num_workers=num_workers, device=device, progress=progress)
+
+
+def refuse_collapsed(model: nn.Module, preprocess: Preprocess, source: str) -> None:
+    """CollapsedBackboneError when `model` gives 32 probe images the same CLS embedding: the check
+    `dinolike export` and the end of a run make, so that no path hands out such embeddings silently (a run
+    that refused its export used to be embedded from its checkpoint: mean cosine 0.99999)."""
+    from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine
+
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "forward_features"):  # a caller's own module: no CLS token to probe
+        return
+    cosine = backbone_cls_cosine(backbone, preprocess.channels, preprocess.numbers.crop)
+    if cosine >= CONSTANT_COSINE:
+        raise CollapsedBackboneError(
+            f"refusing to embed with {source}: it gives every input the same CLS embedding (mean cosine "
+            f"{cosine:.5f} over 32 probe images), so it has collapsed or never learned (a run that ended so "
+            "exports nothing, and embed used to fall back to its checkpoint); allow_collapsed=True "
+            "(--allow-collapsed) embeds anyway")

@@ -16,16 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from dinolike.errors import DinolikeError
 from dinolike.eval.embed import Embeddings
 
 SUFFIXES = (".npy", ".parquet")
 
 
-class EmbedError(Exception):
+class EmbedError(DinolikeError):
     """Bad input for `dinolike embed` the user can fix: printed as one line, exit status 2."""
 
 
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding processes (0: in this one)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--allow-collapsed", action="store_true",
+                   help="embed with a backbone that gives every image the same embedding (refused by default)")
     return p
 
 
@@ -64,6 +68,33 @@ def check_output(out: Path) -> None:
             raise EmbedError("writing .parquet needs pyarrow (pip install pyarrow); or use --out FILE.npy") from None
     if out.is_dir():
         raise EmbedError(f"--out {out} is a folder; give a file name")
+    check_writable_parent(out)
+
+
+def check_writable_parent(out: Path) -> None:
+    """The folder `out` goes into can be created and written, before minutes of work (a read-only target
+    used to fail after the work with a traceback, a parent that is a file with FileExistsError)."""
+    parent = out.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise EmbedError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise EmbedError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def checkpoint_note(pretrained: Path, which: str) -> str | None:
+    """What a run folder without its teacher export is embedded with (its newest checkpoint), said aloud: the
+    run has not finished, or its end refused the export."""
+    if which != "teacher" or not pretrained.is_dir() or (pretrained / "teacher_backbone.pth").is_file():
+        return None
+    newest = sorted((pretrained / "checkpoints").glob("ckpt_*.pt"))[-1:]
+    if not newest or (pretrained / "backbone.pth").is_file():
+        return None
+    return (f"{pretrained} has no teacher_backbone.pth (the run has not finished, or its end refused the export): "
+            f"embedding with the teacher of {newest[0].relative_to(pretrained)}")
 
 
 def write(emb: Embeddings, out: Path, meta: dict) -> list[Path]:
@@ -96,7 +127,7 @@ def write(emb: Embeddings, out: Path, meta: dict) -> list[Path]:
 
 def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
     """Load, embed and write; raises EmbedError / FileNotFoundError / DataError on bad input."""
-    from dinolike.commands.api import embed
+    from dinolike.commands.api import embed, refuse_collapsed
     from dinolike.data.datasets import as_spec
     from dinolike.eval.embed import load_backbone
 
@@ -109,23 +140,26 @@ def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
     except ValueError as e:
         raise EmbedError(f"--data: {e}") from None
     model, prep = load_backbone(args.pretrained, args.which)
+    if note := checkpoint_note(Path(args.pretrained), args.which):
+        print(f"dinolike embed: note: {note}", file=sys.stderr)
+    if not args.allow_collapsed:
+        refuse_collapsed(model, prep, str(args.pretrained))
     emb = embed(model, spec, prep, patches=args.patches, batch_size=args.batch_size, num_workers=args.num_workers,
-                device=args.device, progress=not args.no_progress)
+                device=args.device, progress=not args.no_progress, allow_collapsed=True)
     n = prep.numbers
     meta = {"pretrained": str(args.pretrained), "data": spec, "which": args.which,
             "preprocessing": {"resize": n.resize, "crop": n.crop, "mean": list(n.mean), "std": list(n.std)}}
-    return emb, write(emb, out, meta)
+    try:
+        return emb, write(emb, out, meta)
+    except OSError as e:  # the disk filled up or went away during the work
+        raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dinolike.data.datasets import DataError
-    from dinolike.eval.features import FeatureError
-    from dinolike.models.load import CheckpointMismatchError
-
     args = build_parser().parse_args(argv)
     try:
         emb, files = run(args)
-    except (EmbedError, DataError, FeatureError, CheckpointMismatchError, FileNotFoundError) as e:
+    except (DinolikeError, FileNotFoundError) as e:  # EmbedError, DataError, CollapsedBackboneError, ...
         print(f"dinolike embed: error: {e}", file=sys.stderr)
         return 2
     skipped = f"; {len(emb.skipped)} unreadable skipped (e.g. {emb.skipped[0]})" if emb.skipped else ""

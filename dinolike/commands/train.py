@@ -1,16 +1,16 @@
 """`dinolike train|distill --config FILE [key=value ...]`: parse, build the checked config
-(`dinolike.jobs.train.train_config`), run the job (`dinolike.jobs.train.train_job`)."""
+(`dinolike.jobs.train.train_config`), run the job (`dinolike.jobs.train.run_training`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from dinolike.training.preempt import EXIT_REQUEUE, StopSignal, startup_signals
 
-from dinolike.commands.parsing import RaisingParser
-from dinolike.config import ConfigError
-from dinolike.jobs.train import run_training, train_config
+if TYPE_CHECKING:  # the heavy imports (torch, omegaconf) wait until the stop signals are caught
+    from omegaconf import DictConfig
 
 
 def build_parser(command: str, parser: type[argparse.ArgumentParser] = argparse.ArgumentParser
@@ -26,6 +26,8 @@ def build_parser(command: str, parser: type[argparse.ArgumentParser] = argparse.
 
 def config_of(command: str, args: argparse.Namespace) -> DictConfig:
     """The checked config of a parsed command line. Raises ConfigError."""
+    from dinolike.jobs.train import train_config
+
     overrides = list(args.overrides)
     if command == "distill" and args.teacher:
         overrides.append(f"distill.teacher={args.teacher}")
@@ -35,6 +37,8 @@ def config_of(command: str, args: argparse.Namespace) -> DictConfig:
 def validate(argv: list[str]) -> DictConfig:
     """The merged config of `train|distill ARGS`, checked before any work (what `dinolike submit` runs
     before submitting). Raises ConfigError, for a malformed command line too."""
+    from dinolike.commands.parsing import RaisingParser
+
     command = argv[0]
     return config_of(command, build_parser(command, RaisingParser).parse_intermixed_args(argv[1:]))
 
@@ -50,7 +54,28 @@ def distill_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """`train|distill ARGS` (the command's name first)."""
+    """`train|distill ARGS` (the command's name first): from its first line, a stop signal or Ctrl-C ends it
+    with one line (a Ctrl-C during `import torch` used to print a 72-line traceback, a SIGTERM killed it
+    silently)."""
+    command = argv[0]
+    try:
+        with startup_signals():
+            return _main(argv)
+    except StopSignal as e:
+        print(f"\ndinolike {command}: stopped by {e.name} outside the training loop (start-up, export or final "
+              "kNN); the newest checkpoint (if any) is intact: run the same command to start or resume",
+              file=sys.stderr)
+        return EXIT_REQUEUE
+    except KeyboardInterrupt:  # the second Ctrl-C (the first stops with a checkpoint), or one before training
+        print(f"\ndinolike {command}: interrupted; the newest checkpoint (if any) is intact: run the same command "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    from dinolike.config import ConfigError
+    from dinolike.jobs.train import run_training
+
     command = argv[0]
     args = build_parser(command).parse_intermixed_args(argv[1:])
     try:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinolike.errors import DinolikeError
+
 __all__ = [
     "DataError",
     "FashionMNIST",
@@ -56,7 +58,7 @@ DATASET_SPEC_HELP = (
 _IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, zlib.error)
 
 
-class DataError(RuntimeError):
+class DataError(DinolikeError, RuntimeError):
     """A dataset file is missing, truncated or not what its name claims."""
 
 
@@ -357,6 +359,9 @@ def as_spec(data: str | os.PathLike) -> str:
         return f"folder:{path.absolute()}"
     if path.is_file():
         return f"manifest:{path.absolute()}"
+    scheme = str(data).partition(":")[0]
+    if scheme not in DATASET_SCHEMES and (os.sep in str(data) or str(data).startswith((".", "~"))):
+        raise ValueError(f"folder or file not found: {data}")  # a path, not a misspelt spec
     parse_spec(str(data))
     return str(data)
 

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dinolike.data.normalize import build_eval_transform
+from dinolike.errors import NotFoundError
 from dinolike.eval.features import extract_features
 from dinolike.interop.common import describe_backbone
 from dinolike.interop.run_info import Preprocessing, find_run_config, preprocessing
@@ -68,7 +69,7 @@ def load_backbone(path: str | Path, which: str = "teacher") -> tuple[nn.Module, 
     from dinolike.interop import load_pretrained
 
     if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise NotFoundError(f"checkpoint not found: {path}")
     model, _ = load_pretrained(path, which=which)
     explicit = describe_backbone(model)
     run_cfg, _ = find_run_config(path)

@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dinolike.errors import DinolikeError
+
 log = logging.getLogger(__name__)
 
 KNN_FEATURES = ("cls", "cls+patches")  # eval.knn.features
 
 
-class FeatureError(RuntimeError):
+class FeatureError(DinolikeError, RuntimeError):
     """Extraction cannot produce features (e.g. no image of the dataset decodes); shown without traceback."""
 
 

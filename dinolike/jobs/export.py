@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dinolike.errors import CollapsedBackboneError
 from dinolike.interop.common import at_eval_grid, describe_backbone
 
 FORMATS = ("official", "hf", "timm")
@@ -41,10 +42,6 @@ def _interpolation_note(cfg: dict[str, Any], fmt: str, crop: int) -> str | None:
             "slightly at other sizes"
         )
     return None
-
-
-class CollapsedBackboneError(ValueError):
-    """The backbone gives every input the same embedding: exporting it would ship a useless model."""
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", allow_collapsed: bool = False) -> Path:
@@ -75,6 +72,8 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, which: str = "teacher", 
             f"refusing to export {ckpt}: it gives every input the same CLS embedding (mean cosine {cosine:.5f} "
             "over 32 probe images), so it has collapsed or never learned (e.g. LayerScale 1e-5 in a short run); "
             "--allow-collapsed exports it anyway, marked so in its model card")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused export leaves no empty folder behind
     if fmt == "official":
         export_backbone(model, explicit, out / "backbone.pth")

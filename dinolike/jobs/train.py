@@ -60,11 +60,21 @@ def train_job(cfg: DictConfig, command: str = "train") -> int:
     """Run training whose checked config is `cfg` (from `train_config`): in this process, or as
     `dist.local_processes` processes it starts and supervises; then the final kNN. Returns the exit
     status; the training errors (a non-finite loss, a collapse, a bad dataset ...) are raised."""
+    from dinolike.training.data import check_data_exists
+    from dinolike.training.runlock import RunLock, lock_holder
+
+    check_data_exists(cfg.data.train)
+    if not lock_holder():  # a worker of a local or torchrun/SLURM job: its parent / rank 0 holds the folder
+        return _train(cfg, command)
+    check_output_dir(Path(cfg.run.output_dir))  # once, here, before any child process starts
+    with RunLock(Path(cfg.run.output_dir)):  # one output folder, one run
+        return _train(cfg, command)
+
+
+def _train(cfg: DictConfig, command: str) -> int:
     from dinolike.training.loop import train
 
     local_child = os.environ.get(CHILD_ENV) == "1"
-    if not local_child:  # once, here, before any child process starts
-        check_output_dir(Path(cfg.run.output_dir))
     n_local = cfg.dist.local_processes
     if n_local > 1 and launcher() == "single":
         status = _local_processes(cfg, command, n_local)
@@ -106,32 +116,10 @@ def final_knn(cfg: DictConfig) -> int:
     return 0
 
 
-def grey_scale_warning(cfg: DictConfig) -> str | None:
-    """A warning when a 1-channel recipe (made for 28 px Fashion-MNIST) is about to train on photos: the
-    first image of data.train is colour, or larger than the global crop. None for grey-scale images of
-    the crop's size (Fashion-MNIST itself, or its images as files: a manifest, the curation demo pool)."""
-    from dinolike.data.datasets import first_image
-
-    if cfg.model.in_chans != 1 or str(cfg.data.train).startswith("fmnist"):
-        return None
-    found = first_image(str(cfg.data.train))
-    if found is None:  # unreadable or no image: training reports it, in its own words
-        return None
-    path, mode, size = found
-    crop = int(cfg.crops.global_size)
-    if mode in ("1", "L", "LA", "I", "I;16", "F") and max(size) <= crop:
-        return None
-    return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
-            f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
-            "configs/folder_vits14.yaml")
-
-
 def run_training(cfg: DictConfig, command: str = "train") -> int:
     """`train_job(cfg)` with the command's handling of its failures: one line on stderr and an exit status
     (what `dinolike train` and the pipeline's train stages run; the Python API calls `train_job` itself and
     gets the exceptions)."""
-    if os.environ.get(CHILD_ENV) != "1" and (warning := grey_scale_warning(cfg)):
-        print(f"dinolike {command}: warning: {warning}", file=sys.stderr)
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
     from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinolike.errors import DinolikeError
 
-class CheckpointMismatchError(RuntimeError):
+
+class CheckpointMismatchError(DinolikeError, RuntimeError):
     """Raised when a state dict does not fit the model; the message lists the offending keys."""
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dinolike.errors import DinolikeError
 from dinolike.models.load import CheckpointMismatchError, state_checksum, state_leaves
 
 log = logging.getLogger("dinolike.train")
@@ -38,7 +39,7 @@ class DamagedCheckpointError(CheckpointMismatchError):
     """A checkpoint file that cannot be read, is not a training checkpoint, or fails its checksum."""
 
 
-class RunWriteError(RuntimeError):
+class RunWriteError(DinolikeError, RuntimeError):
     """A file of the run (checkpoint, metrics, export) could not be written: disk full, quota, I/O error."""
 
 
@@ -46,7 +47,7 @@ class CheckpointWriteError(RunWriteError):
     """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is untouched."""
 
 
-class NonFiniteStateError(RuntimeError):
+class NonFiniteStateError(DinolikeError, RuntimeError):
     """The state to checkpoint holds NaN/inf weights; it is refused so the last good checkpoint stays newest."""
 
 

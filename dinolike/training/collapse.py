@@ -8,7 +8,7 @@ DINO-style training has two degenerate solutions (DINO, Caron et al. 2021, sec. 
 - *one prototype*: every image goes to the same few prototypes; the batch-mean student prediction has
   an entropy near 0 (softmax centring without enough sharpening, or too little of it).
 - *constant embeddings*: the backbone gives every image the same CLS embedding (mean cosine between the
-  images of a batch ~1, evaluation/spread.py), the root of the uniform collapse, and where a ViT with
+  images of a batch ~1, eval/spread.py), the root of the uniform collapse, and where a ViT with
   LayerScale 1e-5 starts. It is watched from the first logged row: its first sighting is a warning (a large
   model in a long run grows out of it during the lr warmup; a small or short one may never), it stops the
   run like the others when it lasts past `start_iters` + patience, and a run that ends with it fails
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
+from dinolike.errors import DinolikeError
 from dinolike.eval.spread import CONSTANT_COSINE
 
 
-class CollapseError(RuntimeError):
+class CollapseError(DinolikeError, RuntimeError):
     """The representation collapsed; the message names the iteration, the symptom and what to change."""
 
 

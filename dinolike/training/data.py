@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -83,3 +84,40 @@ def build_skip_guard(cfg: DictConfig, loader: DataLoader) -> SkipGuard:
     window = cfg.data.skip_window
     return SkipGuard(cfg.data.max_skipped_fraction, window, min(window, len(base)),
                      name_of=(lambda i: paths[i]) if paths is not None else (lambda i: f"item {i}"))
+
+
+def grey_scale_warning(cfg: DictConfig) -> str | None:
+    """A warning when a 1-channel recipe (made for 28 px Fashion-MNIST) is about to train on photos: the
+    first image of data.train is colour, or larger than the global crop. None for grey-scale images of
+    the crop's size (Fashion-MNIST itself, or its images as files: a manifest, the curation demo pool)."""
+    from dinolike.data.datasets import first_image
+
+    if cfg.model.in_chans != 1 or str(cfg.data.train).startswith("fmnist"):
+        return None
+    found = first_image(str(cfg.data.train))
+    if found is None:  # unreadable or no image: training reports it, in its own words
+        return None
+    path, mode, size = found
+    crop = int(cfg.crops.global_size)
+    if mode in ("1", "L", "LA", "I", "I;16", "F") and max(size) <= crop:
+        return None
+    return (f"data.train={cfg.data.train} is read as 1-channel grey-scale images cropped to {crop} px (a "
+            f"Fashion-MNIST recipe), but {path} is a {size[0]}x{size[1]} {mode} image; for RGB images use "
+            "configs/folder_vits14.yaml")
+
+
+def check_data_exists(spec: str, key: str = "data.train") -> None:
+    """The folder or list file a spec names exists: checked before any work (`validate` may not read the
+    disk, a job is checked where its files may not be); ConfigError in one line, not a DataError later."""
+    from dinolike.config import ConfigError
+    from dinolike.data.datasets import parse_spec
+
+    scheme, rest = parse_spec(str(spec))
+    if scheme == "fmnist":
+        return
+    path = Path(rest).expanduser()
+    kind = "list file" if scheme == "manifest" else "folder"
+    if not path.exists():
+        raise ConfigError(f"{key}={spec}: {kind} not found: {path}")
+    if (scheme == "manifest") == path.is_dir():
+        raise ConfigError(f"{key}={spec}: {path} is a {'folder' if path.is_dir() else 'file'}, not a {kind}")

@@ -1,10 +1,11 @@
-"""How long a run will take, said before the first step: model FLOPs against the device's measured speed.
+"""How long a run will take: measured on its first iterations (`StepTimer`), and a FLOP bound before any.
 
-A ViT-L recipe started on a laptop CPU (no GPU found, or `run.device=cpu`) used to run silently at one
-iteration every several minutes. The estimate needs no step: the backbone's FLOPs per iteration come from
-its weights (every Linear weight of a block is one multiply-add per token) plus the attention matmuls, and
-the device's speed from a fraction of a second of square matmuls. The bench (`dinolike bench`) measures
-what this only estimates; the loop replaces the estimate with the measured rate after its first rows.
+The run's estimate is the wall time of its own first iterations on this device (`StepTimer`). Before the
+first step only a FLOP count is known: the backbone's FLOPs per iteration from its weights (every Linear
+weight of a block is one multiply-add per token) plus the attention matmuls, against a fraction of a
+second of square matmuls. It is optimistic (it said ~17 min for a 67 min job on a CPU without bf16), so it
+only serves the up-front warning of a GPU recipe started on a CPU (one that would take days), where
+timing a step would itself take minutes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ PEAK_SIZES: dict[str, tuple[int, ...]] = {"cuda": (2048, 4096, 8192), "cpu": (25
 # share of the matmul peak a training step reaches: 0.43-0.54 measured for the CPU recipe's tiny ViT
 # (BENCHMARKS.md section 6, `dinolike bench ... --threads 1`); larger models do better, so this errs long
 STEP_EFFICIENCY = 0.45
+clock = time.perf_counter  # what StepTimer reads (a test gives it a fake one)
 
 
 def sync(device: torch.device) -> None:
@@ -94,3 +96,40 @@ def human_duration(seconds: float) -> str:
     if seconds < 2 * 365 * 86400:
         return f"{seconds / 86400:.0f} days"
     return f"{seconds / (365 * 86400):.1f} years"
+
+
+class StepTimer:
+    """The run's own estimate: the wall time of its first iterations on this device, not a FLOP count.
+
+    A FLOP count against a matmul peak said "~17 min" for a job that took 67 min on a CPU without bf16
+    instructions and shared cores (issue 45): the step's real cost (memory traffic, small matmuls, the
+    gradient all-reduce of several processes, a busy machine) is only known by running it. The first
+    `skip` iterations (allocations, lazy init, the data loader's first batch) are left out; timing stops
+    once `min_steps` iterations and `min_seconds` have passed, or after `max_steps`.
+    """
+
+    def __init__(self, start: int, device: torch.device, skip: int = 1, min_steps: int = 10,
+                 min_seconds: float = 10.0, max_steps: int = 200) -> None:
+        self.device, self.first = device, start + skip
+        self.min_steps, self.min_seconds, self.max_steps = min_steps, min_seconds, max_steps
+        self.t0: float | None = None
+        self.done = False
+        self.span: tuple[int, int] | None = None  # iterations timed: (after this one, up to this one)
+
+    def tick(self, it: int, total: int) -> float | None:
+        """Call after iteration `it` finished; returns the seconds per iteration once, when measured."""
+        if self.done or it < self.first:
+            return None
+        sync(self.device)  # only while timing: a few seconds of steps on a GPU
+        now = clock()
+        if self.t0 is None:
+            self.t0, self.span = now, (it, it)
+            return None
+        n, elapsed = it - self.span[0], now - self.t0
+        if it >= total:  # a run shorter than the timing: nothing left to estimate
+            self.done = True
+            return None
+        if not ((n >= self.min_steps and elapsed >= self.min_seconds) or n >= self.max_steps):
+            return None
+        self.done, self.span = True, (self.span[0], it)
+        return elapsed / n

@@ -20,13 +20,13 @@ from torch import nn
 
 from dinolike import dist, fsdp
 from dinolike.config import to_container
-from dinolike.eval.spread import backbone_cls_cosine
+from dinolike.errors import DinolikeError
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.training import checkpoint as ck
-from dinolike.training.collapse import CollapseWatch
-from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader
-from dinolike.training.estimate import estimate_seconds_per_iteration, human_duration
-from dinolike.training.export import export_backbone
+from dinolike.training.collapse import CollapseError, CollapseWatch
+from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader, grey_scale_warning
+from dinolike.training.estimate import StepTimer, estimate_seconds_per_iteration, human_duration
+from dinolike.training.finish import export_checked
 from dinolike.training.method import Method
 from dinolike.training.optim import build_optimizer
 from dinolike.training.preempt import EXIT_REQUEUE, StopFlag
@@ -34,13 +34,13 @@ from dinolike.training.rundir import check_output_dir, check_resume_config, writ
 from dinolike.training.schedules import build_schedules
 from dinolike.training.skips import SkipGuard
 from dinolike.training.step import native_cpu_bf16, train_step
-from dinolike.training.summary import cpu_warning, row_line, start_lines
+from dinolike.training.summary import cpu_warning, estimate_line, row_line, start_lines
 from dinolike.training.tracking import RunLog, Tracker, print_outputs
 
 log = logging.getLogger("dinolike.train")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DinolikeError, RuntimeError):
     """The loss became NaN or inf; the message names the iteration and the loss term."""
 
 
@@ -143,6 +143,8 @@ def train(cfg: DictConfig) -> int:
 
 def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int:
     ckpt_dir = out / "checkpoints"
+    if env.is_main and (warning := grey_scale_warning(cfg)):  # in log.txt too, not only on the terminal
+        log.warning(warning)
     method = build_method(cfg)
     cfg = method.cfg  # the method may complete the config (distillation: the teacher's heads)
     method.to(env.device)
@@ -186,10 +188,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     if start >= sched.total:
         if env.is_main:
             print(f"nothing to do: {out} already reached iteration {start} of {sched.total}", file=sys.stderr)
-        if resume_from:  # exported again: not when the run ended with constant embeddings
-            cosine = backbone_cls_cosine(method.kept_backbone(), cfg.model.in_chans, cfg.crops.global_size)
-            CollapseWatch.from_config(cfg).final_verdict(start, str(resume_from[0]), cosine)
-        _export(method, cfg, out, env)
+        where = str(resume_from[0]) if resume_from else str(cfg.run.init_from)
+        export_checked(method, cfg, out, env, CollapseWatch.from_config(cfg), start, where)  # exported again
         return 0
 
     loader = build_train_loader(cfg, env, start_position=start * global_batch)
@@ -206,6 +206,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
     n_window, t_window, imgs_window = 0, time.perf_counter(), 0
     t_start = time.perf_counter()
     it = start
+    timer = StepTimer(start, env.device)
     clip_groups = method.grad_clip_groups()  # distillation: one per student
     watch = CollapseWatch.from_config(cfg)
     last_ckpt = ck.list_checkpoints(ckpt_dir)[-1:] or None
@@ -236,6 +237,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
                 window[k] = window.get(k, 0.0) + v.detach()
             if bar is not None:
                 bar.update(1)
+            if (per_it := timer.tick(it, sched.total)) is not None:
+                _say_estimate(cfg, env, runlog, per_it, timer.span, sched.total, bar)
             if it % cfg.run.log_every == 0 or it == sched.total:
                 row, imgs = _global_window(window, n_window, imgs_window, env.device)
                 dt = time.perf_counter() - t_window
@@ -259,12 +262,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
             periodic = it % cfg.run.checkpoint_every == 0 and not watch.suspect  # no checkpoint of a collapse
             if periodic or it == sched.total or reason:
                 last_ckpt = [_save(method, opt, it, cfg, ckpt_dir, env, skips)]
-            if reason:
-                _export(method, cfg, out, env)  # a stopped run still leaves the teacher of this iteration
-                if env.is_main:
-                    print(f"\nstopped at iteration {it} ({reason}); checkpoint saved and teacher of iteration {it} "
-                          "exported, run again to continue", file=sys.stderr)
-                return EXIT_REQUEUE if reason != "time_limit" else 0
+            if reason:  # a stopped run still leaves the teacher of this iteration, if it tells images apart
+                return _stop(method, cfg, out, env, watch, it, str(last_ckpt[0]), reason)
     finally:
         stop.uninstall()
         if bar is not None:
@@ -272,8 +271,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
         if metrics_file is not None:
             metrics_file.close()
         tracker.close()
-    watch.final_verdict(it, str(last_ckpt[0]) if last_ckpt else "no checkpoint")  # constant embeddings: no export
-    _export(method, cfg, out, env)
+    # constant embeddings: no export, and no older one left beside the run
+    export_checked(method, cfg, out, env, watch, it, str(last_ckpt[0]) if last_ckpt else "no checkpoint")
     if env.is_main:
         runlog.say(f"finished: iteration {it} of {sched.total} in "
                    f"{human_duration(time.perf_counter() - t_start)} of training")
@@ -292,12 +291,17 @@ def _say_start(cfg: DictConfig, env: dist.DistEnv, method: Method, runlog: RunLo
     head_parts = [m for name, m in heads.items() if name != "backbone"] if isinstance(heads, nn.ModuleDict) else []
     for line in start_lines(cfg, out=str(out.resolve()), how=how, images=images, world=env.world_size,
                             device=env.device, backbone=backbone,
-                            heads=nn.ModuleList(head_parts) if head_parts else None, start=start, total=total,
-                            seconds_per_it=per_it):
+                            heads=nn.ModuleList(head_parts) if head_parts else None, start=start, total=total):
         runlog.say(line)
-    warning = cpu_warning(cfg, env.device, per_it * (total - start))
+    warning = cpu_warning(cfg, env.device, per_it * (total - start))  # days on a CPU: said before any step
     if warning:
         log.warning(warning)
+
+
+def _say_estimate(cfg: DictConfig, env: dist.DistEnv, runlog: RunLog, per_it: float, span: tuple[int, int],
+                  total: int, bar) -> None:
+    """The estimate from the timed first iterations (rank 0 says it; every rank's step includes the others')."""
+    runlog.say(estimate_line(cfg, env.device, env.world_size, per_it, span, total), bar)
 
 
 def _write_row(metrics_file, row: dict, out: Path) -> None:
@@ -335,16 +339,21 @@ def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env:
     return ck.checkpoint_path(ckpt_dir, it)
 
 
-def _export(method: nn.Module, cfg: DictConfig, out: Path, env: dist.DistEnv) -> None:
-    """Every rank calls (under FSDP the full tensors are gathered to rank 0); rank 0 writes plain,
-    unsharded state dicts, and the others wait so that nothing reads the file before it exists."""
-    backbones = {"teacher": (method.kept_backbone(), cfg.model)}
-    backbones.update(method.extra_backbones())
-    for name, (backbone, model_cfg) in backbones.items():
-        plain = method.plain_backbone(backbone, model_cfg, torch.device("cpu"), rank0_only=True)
-        if env.is_main:
-            export_backbone(plain, model_cfg, out / f"{name}_backbone.pth")
-    dist.barrier()
+def _stop(method: Method, cfg: DictConfig, out: Path, env: dist.DistEnv, watch: CollapseWatch, it: int,
+          checkpoint: str, reason: str) -> int:
+    """After a stop request's checkpoint: the checked export, one line, and the status (3: run me again;
+    a time limit is the end of the run's budget: 0, or the end's CollapseError with constant embeddings)."""
+    try:
+        export_checked(method, cfg, out, env, watch, it, checkpoint)
+        said = f"checkpoint saved and teacher of iteration {it} exported"
+    except CollapseError as e:
+        if reason == "time_limit":
+            raise
+        removed = " (its older export removed)" if "older export" in str(e) else ""
+        said = f"checkpoint saved; the teacher was not exported: it gives every image the same embedding{removed}"
+    if env.is_main:
+        print(f"\nstopped at iteration {it} ({reason}); {said}, run again to continue", file=sys.stderr)
+    return EXIT_REQUEUE if reason != "time_limit" else 0
 
 
 def _progress(cfg: DictConfig, env: dist.DistEnv, start: int, total: int):

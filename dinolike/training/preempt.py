@@ -9,9 +9,11 @@ when the user cannot wait for the iteration in flight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 EXIT_REQUEUE = 3  # `dinolike train` exit status: checkpoint saved after a stop request, requeue me
 
@@ -51,3 +53,37 @@ class StopFlag:
         if self.requested is None and self._deadline is not None and time.monotonic() > self._deadline:
             self.requested = "time_limit"
         return self.requested
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGUSR2 before the loop's StopFlag listens (start-up: imports, model, data) or after it
+    (the export, the final kNN). A BaseException like KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopSignal(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def startup_signals() -> Iterator[None]:
+    """Around `dinolike train` from its first line: SIGTERM (a scheduler, `kill`, the parent of local
+    processes) and SIGUSR2 used to kill the start-up silently (status -15, nothing printed); inside, they
+    raise StopSignal, which the command turns into one line and exit status 3, as a stop in the loop gives
+    (the loop's StopFlag takes over while it runs). Ctrl-C (SIGINT) keeps Python's KeyboardInterrupt, which
+    the command catches from its first line too. The previous handlers come back on the way out (a
+    pipeline calls the command in its own process)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        try:
+            previous[sig] = signal.signal(sig, _raise_stop)
+        except ValueError:  # not the main thread (an API call from a thread): signals stay as they are
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

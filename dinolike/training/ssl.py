@@ -189,7 +189,7 @@ def collapse_signals(student_logits: Tensor, teacher_probs: Tensor, student_temp
     goes to the same few prototypes (the collapse softmax centring can fall into). `cls_cosine` (when
     `cls` [B, D], the student's CLS embeddings of B different images, is given and B >= 2): their mean
     pairwise cosine. Near 1: every image gets the same embedding, whatever the heads do (LayerScale 1e-5
-    at initialisation; evaluation/spread.py). Pretraining replaces it with its teacher's, the model it keeps.
+    at initialisation; eval/spread.py). Pretraining replaces it with its teacher's, the model it keeps.
     student_logits [2B, K] (global crops), teacher_probs [2B, K].
     """
     t = teacher_probs.float()

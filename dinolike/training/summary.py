@@ -13,27 +13,36 @@ from torch import nn
 from dinolike.training.estimate import human_duration
 from dinolike.training.step import cpu_bf16
 
-# the CPU is fine for a run it finishes in this long; past it, say so before the first step
-CPU_WARN_SECONDS = 2 * 3600
+# past this long by the FLOP bound, say before the first step that the recipe is made for a GPU: a GPU recipe
+# on a CPU needs days, the CPU main job ~1 h by the bound even on busy cores without AVX-512 (3 h once seen
+# under a load of 7 on 2 cores), and its real time comes from its timed first iterations anyway
+CPU_WARN_SECONDS = 12 * 3600
 
 
 def millions(module: nn.Module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
 
 
+def precision(cfg: DictConfig, device: torch.device) -> str:
+    """The arithmetic a step runs in: the estimate holds for this case only (bf16 is ~2x fp32 on a CPU)."""
+    if device.type == "cuda":
+        return "bf16" if cfg.precision.cuda == "bf16" else "fp32"
+    return "bf16 autocast (precision.cpu)" if cpu_bf16(cfg.precision) else "fp32"
+
+
+def device_text(cfg: DictConfig, device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}), {precision(cfg, device)}"
+    return f"cpu, {torch.get_num_threads()} thread(s) per process, {precision(cfg, device)}"
+
+
 def start_lines(cfg: DictConfig, *, out: str, how: str, images: int, world: int, device: torch.device,
-                backbone: nn.Module, heads: nn.Module | None, start: int, total: int,
-                seconds_per_it: float) -> list[str]:
-    """The summary printed before the first step."""
+                backbone: nn.Module, heads: nn.Module | None, start: int, total: int) -> list[str]:
+    """The summary printed before the first step; its estimate follows once the first steps are timed."""
     m, o = cfg.model, cfg.optim
     per = cfg.data.batch_size
     layout = f"{world} processes x {per}" if world > 1 else "1 process"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        dev = f"cuda ({name}), {'bf16' if cfg.precision.cuda == 'bf16' else 'fp32'}"
-    else:
-        precision = "bf16 autocast (precision.cpu)" if cpu_bf16(cfg.precision) else "fp32"
-        dev = f"cpu, {torch.get_num_threads()} thread(s) per process, {precision}"
+    dev = device_text(cfg, device)
     head_text = f" (+{millions(heads)} in the heads)" if heads is not None else ""
     left = total - start
     return [
@@ -44,9 +53,21 @@ def start_lines(cfg: DictConfig, *, out: str, how: str, images: int, world: int,
         f"local crops x {cfg.crops.local_number}, {m.in_chans} channel(s): {millions(backbone)} backbone "
         f"parameters{head_text}",
         f"  device    {dev}",
-        f"  estimate  ~{human_duration(seconds_per_it * left)} for {left} iterations (from the model's FLOPs and "
-        "this device's matmul speed; the rows below measure it)",
+        f"  estimate  timing the first iterations here for the {left} to run (next line)",
     ]
+
+
+def estimate_line(cfg: DictConfig, device: torch.device, world: int, seconds_per_it: float, span: tuple[int, int],
+                  total: int) -> str:
+    """The run's time from its measured step: what the user plans by, so it says what it was measured on."""
+    left = total - span[1]
+    evals = left // cfg.eval.knn_every if cfg.eval.knn_every and cfg.eval.knn_train else 0
+    extra = f", + {evals} periodic kNN evaluations" if evals else ""
+    extra += " + the final kNN" if cfg.eval.final_knn else ""
+    procs = f"{world} processes" if world > 1 else "1 process"
+    return (f"  estimate  ~{human_duration(seconds_per_it * left)} for the {left} iterations left{extra}: "
+            f"{seconds_per_it:.3g} s per iteration, timed on iterations {span[0] + 1}-{span[1]} on this device "
+            f"({device.type}, {precision(cfg, device)}, {procs})")
 
 
 def cpu_warning(cfg: DictConfig, device: torch.device, seconds: float) -> str | None:

@@ -75,6 +75,12 @@ class _FileHandler(logging.Handler):
         self.file.write(self.format(record) + "\n")
 
 
+def _logs_to_terminal(logger: logging.Logger) -> bool:
+    """Whether a handler of `logger` already writes to the terminal (the command's logging.basicConfig)."""
+    terminal = (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)
+    return any(isinstance(h, logging.StreamHandler) and h.stream in terminal for h in logger.handlers)
+
+
 class RunLog:
     """log.txt of a run from its first line to its last (rank 0 only; a no-op elsewhere): everything
     printed and logged while it is open, and the error a run ends with, so a finished or failed run explains
@@ -85,12 +91,20 @@ class RunLog:
         self.file: LogFile | None = None
         self._streams: tuple[TextIO, TextIO] | None = None
         self._handler: logging.Handler | None = None
+        self._terminal: logging.Handler | None = None
 
     def __enter__(self) -> RunLog:
         if self.is_main:
             self.file = LogFile(self.out / "log.txt", sys.stderr)
             self._handler = _FileHandler(self.file)
-            logging.getLogger().addHandler(self._handler)
+            root = logging.getLogger()
+            if not _logs_to_terminal(root):  # a Python caller (dinolike.train) set up no logging: without
+                # this its warnings (constant embeddings, skipped images) reached log.txt only
+                self._terminal = logging.StreamHandler(sys.stderr)  # the real stderr, before the tee
+                self._terminal.setLevel(logging.WARNING)
+                self._terminal.setFormatter(logging.Formatter("%(name)s: warning: %(message)s"))
+                root.addHandler(self._terminal)
+            root.addHandler(self._handler)
             self._streams = (sys.stdout, sys.stderr)
             sys.stdout, sys.stderr = _Tee(sys.stdout, self.file), _Tee(sys.stderr, self.file)
         return self
@@ -98,12 +112,16 @@ class RunLog:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         if self.file is not None and error is not None:
             # the file only: the command prints its own one-line error to the terminal
-            what = "interrupted (Ctrl-C)" if kind is KeyboardInterrupt else f"{kind.__name__}: {error}"
+            what = ("interrupted (Ctrl-C)" if kind is KeyboardInterrupt else
+                    f"stopped by {error} outside the training loop" if kind.__name__ == "StopSignal" else
+                    f"{kind.__name__}: {error}")
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} error: {what}\n")
         if self._streams is not None:
             sys.stdout, sys.stderr = self._streams
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
+        for handler in (self._handler, self._terminal):
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+        self._terminal = None
         if self.file is not None:
             self.file.close()
         self.file = self._streams = self._handler = None
