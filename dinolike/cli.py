@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("eval.plot", "PNG of the training curves of a run directory"),
     "viz": ("eval.viz", "PCA picture of patch features"),
     "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
+    "shard": ("dinolike.commands.shard", "images -> WebDataset tar shards + index (data.train=shards:DIR)"),
     "embed": ("dinolike.commands.embed", "CLS (+ pooled patch) embeddings of a folder of images -> .npy / .parquet"),
     "bench": ("dinolike.bench", "time the training step: img/s, breakdown, MFU"),
     "submit": ("launch.__main__", "submit a job to SLURM through submitit"),

@@ -45,11 +45,11 @@ _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dims
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dim
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-DATASET_SCHEMES = ("fmnist", "folder", "folder-nolabels", "manifest")
+DATASET_SCHEMES = ("fmnist", "folder", "folder-nolabels", "manifest", "shards")
 # every spec form, for the help of each option that takes one
 DATASET_SPEC_HELP = (
     "fmnist:train | fmnist:test | folder:DIR (labels from sub-folders) | folder-nolabels:DIR | "
-    "manifest:FILE (path[<TAB>label] per line)"
+    "manifest:FILE (path[<TAB>label] per line) | shards:DIR (written by `dinolike shard`)"
 )
 
 # PIL raises a zoo of exception types on bad files; all of them mean "this file is unusable".
@@ -337,7 +337,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if scheme not in DATASET_SCHEMES or not sep:
         raise ValueError(
             f"unknown dataset spec {spec!r}; valid forms: fmnist:train, fmnist:test, fmnist:<split>:<root>, "
-            f"folder:<path>, folder-nolabels:<path>, manifest:<file> (schemes: {', '.join(DATASET_SCHEMES)})"
+            f"folder:<path>, folder-nolabels:<path>, manifest:<file>, shards:<dir> "
+            f"(schemes: {', '.join(DATASET_SCHEMES)})"
         )
     if scheme == "fmnist":
         split = rest.partition(":")[0]
@@ -366,7 +367,7 @@ def first_image(spec: str) -> tuple[str, str, tuple[int, int]] | None:
     its header only; None for Fashion-MNIST, a bad spec or an unreadable first file."""
     try:
         scheme, _ = parse_spec(spec)
-        if scheme == "fmnist":
+        if scheme in ("fmnist", "shards"):
             return None
         path = build_dataset(spec).paths[0]
         with Image.open(path) as img:
@@ -375,16 +376,18 @@ def first_image(spec: str) -> tuple[str, str, tuple[int, int]] | None:
         return None
 
 
-def build_dataset(
-    spec: str, channels: int | None = None, limit: int | None = None
-) -> FashionMNIST | ImageFolder | Manifest:
+def build_dataset(spec: str, channels: int | None = None, limit: int | None = None, shard_window: int = 16):
     """Build a dataset from a config string.
 
     Specs: ``fmnist:train``, ``fmnist:test``, ``fmnist:train:/custom/root``, ``folder:/path``,
-    ``folder-nolabels:/path``, ``manifest:/path/list.txt``. ``channels`` defaults to 1 for Fashion-MNIST
-    and 3 for files on disk.
+    ``folder-nolabels:/path``, ``manifest:/path/list.txt``, ``shards:/dir``. ``channels`` defaults to 1
+    for Fashion-MNIST and 3 for files on disk; ``shard_window`` is the shards mixed per block (shards.py).
     """
     scheme, rest = parse_spec(spec)
+    if scheme == "shards":
+        from .shards import ShardDataset
+
+        return ShardDataset(rest, channels=channels or 3, limit=limit, window=shard_window)
     if scheme == "fmnist":
         split, _, root = rest.partition(":")
         return FashionMNIST(root or FMNIST_ROOT, split=split, limit=limit, channels=channels or 1)
