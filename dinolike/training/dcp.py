@@ -170,7 +170,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 def load_sharded(path: Path, method: nn.Module, opt: torch.optim.Optimizer | None) -> None:
     """Each rank reads only what its shards need (DCP reshards from any saved world size)."""
     state = sharded_state(method, opt)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_enabled())
     for name, module in method.checkpointed_parts().items():
         set_model_state_dict(module, state["model"][name], options=StateDictOptions(strict=True))
     if opt is not None:
