@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .datasets import _IMAGE_READ_ERRORS, DataError, read_image
+from .images import _IMAGE_READ_ERRORS, DataError, read_image
 from .shard_order import BlockOrder
 
 __all__ = ["INDEX_NAME", "ShardDataset", "index_path", "load_index", "sidecar_name"]

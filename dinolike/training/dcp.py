@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinolike import dist
+from dinolike.training.atomic import CheckpointWriteError, NonFiniteStateError, atomic_save
 
 MANIFEST, META = "manifest.json", "meta.pt"
 
@@ -87,8 +88,6 @@ def save_sharded(final: Path, method: nn.Module, opt: torch.optim.Optimizer, met
     """Collective: every rank writes its shards into the temp folder, hashes what it wrote; rank 0 writes
     meta.pt and the manifest, then renames the folder into place. Raises NonFiniteStateError (nothing
     written) or CheckpointWriteError (the previous checkpoint untouched)."""
-    from dinolike.training.checkpoint import CheckpointWriteError, NonFiniteStateError, atomic_save
-
     rank = torch.distributed.get_rank() if dist.is_enabled() else 0
     state = sharded_state(method, opt)
     bad = _non_finite(state["model"], "model.")
