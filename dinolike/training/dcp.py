@@ -134,8 +134,9 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def verify(path: Path) -> str | None:
     """Why `path` is not an intact DCP checkpoint, or None. Sizes are checked on every rank; the hashes
-    are split across ranks (file i by rank i % world), so each rank reads ~1/world of the checkpoint,
-    and the verdict is agreed (collective when distributed: every rank must call)."""
+    are split across ranks (rank R's file `__R_0.distcp` by rank R % world, the small ones by rank 0), so
+    each rank reads ~1/world of the checkpoint, at an unchanged world size the file it then loads (a
+    page-cache hit), and the verdict is agreed (collective when distributed: every rank must call)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
@@ -146,18 +147,24 @@ def verify(path: Path) -> str | None:
         why = None
         on = dist.is_enabled()
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if on else (0, 1)
-        for i, (name, want) in enumerate(sorted(files.items())):
+        for name, want in sorted(files.items()):
             p = path / name
             if not p.is_file():
                 why = f"{name} is missing"
             elif p.stat().st_size != want["size"]:
                 why = f"{name} is {p.stat().st_size} bytes, the manifest says {want['size']}"
-            elif i % world == rank and _sha256(p) != want["sha256"]:
+            elif _owner(name, world) == rank and _sha256(p) != want["sha256"]:
                 why = f"{name} fails its SHA-256: damaged after it was written"
             if why:
                 break
     verdicts = dist.all_gather_objects(why)
     return next((v for v in verdicts if v), None)
+
+
+def _owner(name: str, world: int) -> int:
+    """The rank that hashes file `name` on load: the writer's rank modulo the world, rank 0 for the rest."""
+    writer = name[2:].partition("_")[0] if name.startswith("__") else ""
+    return int(writer) % world if writer.isdigit() else 0
 
 
 def read_meta(path: Path) -> dict[str, Any]:
