@@ -182,3 +182,9 @@ def test_bad_sources_and_indexes_are_one_line_errors(tmp_path, capsys) -> None:
         ShardDataset(tmp_path / "bad")
     with pytest.raises(DataError, match="shard index not found"):
         ShardDataset(tmp_path / "nothing")
+
+
+def test_a_shard_folder_passed_as_a_path_is_read_as_shards(shards) -> None:
+    from dinolike.data.datasets import as_spec
+
+    assert as_spec(shards) == f"shards:{shards.absolute()}"  # the Python API's `data=` takes the folder as it is

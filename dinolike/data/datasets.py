@@ -306,9 +306,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def as_spec(data: str | os.PathLike) -> str:
     """A dataset spec from what a Python caller passes: a spec as it is (`folder:DIR`, `fmnist:train`),
-    an existing folder as `folder:DIR` (labels from its first-level sub-folders, -1 for images directly
-    in it) and an existing file as `manifest:FILE`. Checked like any spec (ValueError)."""
+    a shard folder (with index.json) as `shards:DIR`, any other existing folder as `folder:DIR` (labels
+    from its first-level sub-folders, -1 for images directly in it) and an existing file as
+    `manifest:FILE`. Checked like any spec (ValueError)."""
     path = Path(os.fspath(data)).expanduser()
+    if path.is_dir() and (path / "index.json").is_file():  # written by `dinolike shard`
+        return f"shards:{path.absolute()}"
     if path.is_dir():
         return f"folder:{path.absolute()}"
     if path.is_file():

@@ -148,9 +148,8 @@ class ShardDataset:
             os.close(old_fd)
         return fd, side
 
-    def read_bytes(self, i: int) -> tuple[bytes, int]:
-        """(encoded image bytes, label) of item i; OSError / ValueError name the shard."""
-        s, m = self.locate(i)
+    def read_bytes(self, s: int, m: int) -> tuple[bytes, int]:
+        """(encoded image bytes, label) of member m of shard s: one pread at the sidecar's offset."""
         fd, side = self._shard(s)
         offset, size, label = (int(v) for v in side[m])
         data = os.pread(fd, size, offset)
@@ -161,7 +160,7 @@ class ShardDataset:
     def __getitem__(self, i: int) -> tuple[Image.Image | None, int]:
         s, m = self.locate(i)
         try:
-            data, label = self.read_bytes(i)
+            data, label = self.read_bytes(s, m)
         except (OSError, ValueError) as e:  # the shard vanished or was damaged during the run
             if s not in self._bad:
                 self._bad.add(s)
