@@ -100,3 +100,12 @@ def test_no_intact_folder_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
     (tmp_path / "ckpt_0000001" / "meta.pt").write_bytes(b"")
     with pytest.raises(ck.DamagedCheckpointError, match="no intact checkpoint"):
         ck.newest_intact(tmp_path)
+
+
+def test_distillation_and_export_read_the_teacher_of_a_dcp_folder(tmp_path: Path) -> None:
+    from dinolike.training.distill import _teacher_config
+
+    src = save(tmp_path, 5, seed=3)
+    _, ckpt, path = _teacher_config(tmp_path)  # a checkpoints folder: its newest checkpoint, a DCP folder here
+    assert path.name == "ckpt_0000005" and torch.equal(ckpt["model"]["teacher"]["weight"], src.teacher.weight)
+    assert ck.resolve_checkpoint(path) == path
