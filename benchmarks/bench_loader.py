@@ -2,6 +2,7 @@
 
   nice -n 19 python benchmarks/bench_loader.py                        # 500 JPEGs in /tmp, workers 1 and 2
   nice -n 19 python benchmarks/bench_loader.py --dir /data/jpegs --workers 1 2 4 8 --target 300
+  nice -n 19 python benchmarks/bench_loader.py --shards /tmp/dinolike_jpeg_shards   # + the same images as shards
 
 Generates (once) a folder of JPEGs of an ImageNet-like size (500 x 375, smooth random content, quality
 90), then measures on this machine:
@@ -99,12 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="timing window of each per-worker rate")
     p.add_argument("--target", type=float, default=300.0, help="img/s the loader must sustain")
     p.add_argument("--config", default=str(REPO / "configs" / "base.yaml"))
+    p.add_argument("--shards", type=Path, default=None,
+                   help="also measure the same images as shards (`shards:DIR`, written there once)")
     p.add_argument("overrides", nargs="*", help="config overrides (crops.*, model.patch_size, ...)")
     args = p.parse_args(argv)
 
     make_jpegs(args.dir, args.images)
+    specs = [f"folder-nolabels:{args.dir}"]
+    if args.shards is not None:
+        if not (args.shards / "index.json").exists():
+            from dinolike.data.shard_writer import ShardConfig, write_shards
+
+            write_shards(ShardConfig(source=f"folder-nolabels:{args.dir}", out=str(args.shards), shard_size=100))
+        specs.append(f"shards:{args.shards}")
+    for spec in specs:
+        print(f"\n## data.train={spec}")
+        run(args, spec)
+    return 0
+
+
+def run(args: argparse.Namespace, spec: str) -> None:
+    """The per-worker rates and the training loader's rate on one data spec."""
     torch.set_num_threads(1)
-    cfg = load_config(args.config, [f"data.train=folder-nolabels:{args.dir}", "data.pin_memory=false",
+    cfg = load_config(args.config, [f"data.train={spec}", "data.pin_memory=false",
                                     f"data.batch_size={args.batch_size}", "run.device=cpu", *args.overrides])
     c = cfg.crops
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -117,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| decode + crop / resize / flip + masks, 1 thread (one worker, `data.augment_on_device`) | {half:.1f} "
           f"| {half_cpu:.1f} |")
     for w in args.workers:
-        wcfg = load_config(args.config, [f"data.train=folder-nolabels:{args.dir}", "data.pin_memory=false",
+        wcfg = load_config(args.config, [f"data.train={spec}", "data.pin_memory=false",
                                          f"data.batch_size={args.batch_size}", "run.device=cpu",
                                          f"data.num_workers={w}", *args.overrides])
         r = loader_rate(wcfg, args.batches)
@@ -129,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
           "per worker, loader overheads aside)")
     print(f"with data.augment_on_device: {math.ceil(args.target / half_cpu)} at {half_cpu:.1f} img per CPU-second "
           "(the photometric half then runs on the training device)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("dinolike.commands.plot", "PNG of the training curves of a run directory"),
     "viz": ("dinolike.commands.viz", "PCA picture of patch features"),
     "export": ("dinolike.commands.export", "export a checkpoint: official | hf | timm"),
+    "shard": ("dinolike.commands.shard", "images -> WebDataset tar shards + index (data.train=shards:DIR)"),
     "embed": ("dinolike.commands.embed", "CLS (+ pooled patch) embeddings of a folder of images -> .npy / .parquet"),
     "bench": ("dinolike.commands.bench", "time the training step: img/s, breakdown, MFU"),
     "submit": ("dinolike.commands.submit", "submit a job to SLURM through submitit"),

@@ -9,6 +9,8 @@ step ITERATION (0-based: the step that completes iteration ITERATION + 1):
   write-mid      half of checkpoint ITERATION written to its temp file (fsynced)
   before-rename  the temp file complete and fsynced, not yet renamed
   after-rename   renamed into place, older checkpoints not yet pruned
+  dcp-mid        a sharded (DCP) checkpoint ITERATION: every rank's shards written, the manifest not yet
+                 (rank 0 dies; torchrun then stops the others)
 (for the three write phases ITERATION is the checkpoint's iteration number, ckpt_ITERATION.pt).
 The hooks sit on the method interface and on torch.save / os.replace, so they follow the loop wherever
 its code moves.
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("forward", "step", "write-mid", "before-rename", "after-rename")
+PHASES = ("forward", "step", "write-mid", "before-rename", "after-rename", "dcp-mid")
 
 
 def die() -> None:
@@ -75,6 +77,17 @@ def install(phase: str, at: int, batch_size: int) -> None:
 
     SSLMethod.forward_loss, SSLMethod.after_step = forward_loss, after_step
     torch.save, os.replace = save, replace
+    if phase == "dcp-mid":
+        import dinolike.training.dcp as dcp
+
+        real_manifest = dcp._write_manifest
+
+        def write_manifest(folder: Path, manifest: dict) -> None:
+            if manifest["iteration"] == at:
+                die()
+            real_manifest(folder, manifest)
+
+        dcp._write_manifest = write_manifest
 
 
 def install_nan(rank: int, at: int) -> None:
@@ -97,8 +110,10 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--kill", default=None, help="PHASE@ITERATION")
     p.add_argument("--nan", default=None, help="RANK@ITERATION")
-    own, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = p.parse_args(own)
+    if "--" in argv:
+        args, train_args = p.parse_args(argv[: argv.index("--")]), argv[argv.index("--") + 1 :]
+    else:  # torchrun drops the "--": the driver's own options first, the rest is for `train`
+        args, train_args = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from dinolike.commands import train as cli
 

@@ -139,9 +139,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs, strate
 
 
 def _resume_from(src: Path, dst: Path, iteration: int) -> None:
+    """Copy checkpoint `iteration`: a single file, or the DCP folder an FSDP run writes."""
     (dst / "checkpoints").mkdir(parents=True)
     path = ck.checkpoint_path(src / "checkpoints", iteration)
-    shutil.copy(path, ck.checkpoint_path(dst / "checkpoints", iteration))
+    if path.is_file():
+        shutil.copy(path, ck.checkpoint_path(dst / "checkpoints", iteration))
+    else:
+        sharded = ck.checkpoint_path(src / "checkpoints", iteration, sharded=True)
+        shutil.copytree(sharded, dst / "checkpoints" / sharded.name)
 
 
 def test_checkpoint_saved_by_two_fsdp_processes_resumes_in_one(runs, tmp_path: Path) -> None:

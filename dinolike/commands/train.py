@@ -45,22 +45,25 @@ def validate(argv: list[str]) -> DictConfig:
 
 def train_command(argv: list[str]) -> int:
     """`dinolike train ARGS`."""
-    return main(["train", *argv])
+    return run_command("train", argv)
 
 
 def distill_command(argv: list[str]) -> int:
     """`dinolike distill ARGS`."""
-    return main(["distill", *argv])
+    return run_command("distill", argv)
 
 
 def main(argv: list[str]) -> int:
-    """`train|distill ARGS` (the command's name first): from its first line, a stop signal or Ctrl-C ends it
-    with one line (a Ctrl-C during `import torch` used to print a 72-line traceback, a SIGTERM killed it
-    silently)."""
-    command = argv[0]
+    """`train|distill ARGS`, the command's name first (what the local worker processes run)."""
+    return run_command(argv[0], argv[1:])
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """`dinolike COMMAND ARGV`: from its first line, a stop signal or Ctrl-C ends it with one line (a Ctrl-C
+    during `import torch` used to print a 72-line traceback, a SIGTERM killed it silently)."""
     try:
         with startup_signals():
-            return _main(argv)
+            return _main(command, argv)
     except StopSignal as e:
         print(f"\ndinolike {command}: stopped by {e.name} outside the training loop (start-up, export or final "
               "kNN); the newest checkpoint (if any) is intact: run the same command to start or resume",
@@ -72,12 +75,11 @@ def main(argv: list[str]) -> int:
         return 130
 
 
-def _main(argv: list[str]) -> int:
+def _main(command: str, argv: list[str]) -> int:
     from dinolike.config import ConfigError
     from dinolike.jobs.train import run_training
 
-    command = argv[0]
-    args = build_parser(command).parse_intermixed_args(argv[1:])
+    args = build_parser(command).parse_intermixed_args(argv)
     try:
         cfg = config_of(command, args)
     except ConfigError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dinolike.errors import DinolikeError
+from .images import _IMAGE_READ_ERRORS, DataError, load_image, read_image
 
 __all__ = [
     "DataError",
@@ -47,20 +46,12 @@ _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dims
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dim
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-DATASET_SCHEMES = ("fmnist", "folder", "folder-nolabels", "manifest")
+DATASET_SCHEMES = ("fmnist", "folder", "folder-nolabels", "manifest", "shards")
 # every spec form, for the help of each option that takes one
 DATASET_SPEC_HELP = (
     "fmnist:train | fmnist:test | folder:DIR (labels from sub-folders) | folder-nolabels:DIR | "
-    "manifest:FILE (path[<TAB>label] per line)"
+    "manifest:FILE (path[<TAB>label] per line) | shards:DIR (written by `dinolike shard`)"
 )
-
-# PIL raises a zoo of exception types on bad files; all of them mean "this file is unusable".
-_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, zlib.error)
-
-
-class DataError(DinolikeError, RuntimeError):
-    """A dataset file is missing, truncated or not what its name claims."""
-
 
 # ----------------------------------------------------------------------------------------------- IDX
 
@@ -160,44 +151,6 @@ class FashionMNIST:
 
 
 # ------------------------------------------------------------------------------------- files on disk
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Deep images (16-bit PNG/TIFF: modes I;16*, I; float: F) scaled to 8 bits. PIL's own convert()
-    clips them at 255 instead of scaling, so a 16-bit image would train as almost white."""
-    if img.mode.startswith("I;16") or img.mode == "I":
-        a = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0  # [H, W] in 0..255
-    elif img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a  # [0, 1] floats, else 0..255 already
-        a = np.nan_to_num(a).clip(0, 255)
-    else:
-        return img
-    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
-
-
-def read_image(path: str | os.PathLike, channels: int = 3) -> Image.Image:
-    """Fully decode an image as RGB (``channels=3``) or L (``channels=1``); raises on an unusable file.
-
-    Decoding happens here, so truncation surfaces now and not later inside a transform; an image above
-    PIL's pixel limit (a decompression bomb, or a header claiming 20000x20000) is refused before any
-    pixel memory is allocated: PIL itself only warns below twice its limit.
-    """
-    with Image.open(path) as img:  # reads the header only
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and img.width * img.height > limit:
-            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels is above the limit of {limit}")
-        img.load()
-        return _to_8bit(img).convert("L" if channels == 1 else "RGB")
-
-
-def load_image(path: str | os.PathLike, channels: int = 3) -> Image.Image | None:
-    """`read_image`, or None + a warning naming the file when it is unreadable (the caller counts it)."""
-    try:
-        return read_image(path, channels)
-    except _IMAGE_READ_ERRORS as e:
-        warnings.warn(f"skipping unreadable image {os.fspath(path)}: {type(e).__name__}: {e}", stacklevel=2)
-        return None
 
 
 def check_readable(paths: Sequence[str], what: str, channels: int = 3, max_probes: int = 1000, seed: int = 0) -> None:
@@ -339,7 +292,8 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if scheme not in DATASET_SCHEMES or not sep:
         raise ValueError(
             f"unknown dataset spec {spec!r}; valid forms: fmnist:train, fmnist:test, fmnist:<split>:<root>, "
-            f"folder:<path>, folder-nolabels:<path>, manifest:<file> (schemes: {', '.join(DATASET_SCHEMES)})"
+            f"folder:<path>, folder-nolabels:<path>, manifest:<file>, shards:<dir> "
+            f"(schemes: {', '.join(DATASET_SCHEMES)})"
         )
     if scheme == "fmnist":
         split = rest.partition(":")[0]
@@ -352,9 +306,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def as_spec(data: str | os.PathLike) -> str:
     """A dataset spec from what a Python caller passes: a spec as it is (`folder:DIR`, `fmnist:train`),
-    an existing folder as `folder:DIR` (labels from its first-level sub-folders, -1 for images directly
-    in it) and an existing file as `manifest:FILE`. Checked like any spec (ValueError)."""
+    a shard folder (with index.json) as `shards:DIR`, any other existing folder as `folder:DIR` (labels
+    from its first-level sub-folders, -1 for images directly in it) and an existing file as
+    `manifest:FILE`. Checked like any spec (ValueError)."""
     path = Path(os.fspath(data)).expanduser()
+    if path.is_dir() and (path / "index.json").is_file():  # written by `dinolike shard`
+        return f"shards:{path.absolute()}"
     if path.is_dir():
         return f"folder:{path.absolute()}"
     if path.is_file():
@@ -371,7 +328,7 @@ def first_image(spec: str) -> tuple[str, str, tuple[int, int]] | None:
     its header only; None for Fashion-MNIST, a bad spec or an unreadable first file."""
     try:
         scheme, _ = parse_spec(spec)
-        if scheme == "fmnist":
+        if scheme in ("fmnist", "shards"):
             return None
         path = build_dataset(spec).paths[0]
         with Image.open(path) as img:
@@ -380,16 +337,18 @@ def first_image(spec: str) -> tuple[str, str, tuple[int, int]] | None:
         return None
 
 
-def build_dataset(
-    spec: str, channels: int | None = None, limit: int | None = None
-) -> FashionMNIST | ImageFolder | Manifest:
+def build_dataset(spec: str, channels: int | None = None, limit: int | None = None, shard_window: int = 16):
     """Build a dataset from a config string.
 
     Specs: ``fmnist:train``, ``fmnist:test``, ``fmnist:train:/custom/root``, ``folder:/path``,
-    ``folder-nolabels:/path``, ``manifest:/path/list.txt``. ``channels`` defaults to 1 for Fashion-MNIST
-    and 3 for files on disk.
+    ``folder-nolabels:/path``, ``manifest:/path/list.txt``, ``shards:/dir``. ``channels`` defaults to 1
+    for Fashion-MNIST and 3 for files on disk; ``shard_window`` is the shards mixed per block (shards.py).
     """
     scheme, rest = parse_spec(spec)
+    if scheme == "shards":
+        from .shards import ShardDataset
+
+        return ShardDataset(rest, channels=channels or 3, limit=limit, window=shard_window)
     if scheme == "fmnist":
         split, _, root = rest.partition(":")
         return FashionMNIST(root or FMNIST_ROOT, split=split, limit=limit, channels=channels or 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,17 +77,20 @@ class SSLDataset(Dataset):
         self.mask_fn = mask_fn
         self.shuffle = shuffle
         self._perm_epoch = -1
-        self._perm: list[int] = []
+        self._perm: Sequence[int] = []
 
     def __len__(self) -> int:
         """Samples per epoch (positions are unbounded: any g >= 0 is valid)."""
         return len(self.base)
 
-    def permutation(self, epoch: int) -> list[int]:
-        """The dataset order of ``epoch`` (cached: a loader worker usually stays within one epoch)."""
+    def permutation(self, epoch: int) -> Sequence[int]:
+        """The dataset order of ``epoch`` (cached: a loader worker usually stays within one epoch); a base
+        with an ``order(epoch, seed, shuffle)`` method (shards) computes it per offset instead of a list."""
         if epoch != self._perm_epoch:
             n = len(self.base)
-            if self.shuffle:
+            if hasattr(self.base, "order"):  # sharded data: offset -> index computed per call, no list
+                self._perm = self.base.order(epoch, self.seed, self.shuffle)
+            elif self.shuffle:
                 gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _STREAM_PERM))
                 self._perm = torch.randperm(n, generator=gen).tolist()
             else:

@@ -107,8 +107,8 @@ class EvalSetup:
 
     def labelled_sets(self) -> tuple[FeatureSet, FeatureSet]:
         """Features of the job's train and evaluation sets."""
-        return (self.features(str(self.job.train_dataset), self.job.limit_train),
-                self.features(str(self.job.val_dataset), self.job.limit_val))
+        e = self.cfg.eval
+        return (self.features(str(e.train_dataset), e.limit_train), self.features(str(e.val_dataset), e.limit_val))
 
     def features(self, spec: str, limit: int | None) -> FeatureSet:
         """Features of dataset `spec` (first `limit` items), from the cache when an identical pass exists."""

@@ -33,6 +33,7 @@ from dinolike.models.load import (
     load_state_strict,
     normalize_backbone_keys,
     read_checkpoint,
+    training_backbone,
 )
 
 _HEAD_RENAMES = {  # torch.nn.utils.parametrizations.weight_norm spelling -> the classic one we use
@@ -74,14 +75,18 @@ def read_backbone(
     newest checkpoint for the student). The config is None only for bare official files.
     """
     from dinolike.interop import hf, timm
+    from dinolike.training.checkpoint import list_checkpoints, load_checkpoint
+    from dinolike.training.dcp import is_dcp_checkpoint
 
     path = Path(path)
+    if is_dcp_checkpoint(path):  # a sharded (DCP) training checkpoint: the full model, read in this process
+        return training_backbone(load_checkpoint(path), path, which)
     if path.is_dir():
         if hf.is_hf_dir(path):
             return hf.load_hf(path)
         if timm.is_timm_dir(path):
             return timm.load_timm(path)
-        newest = sorted((path / "checkpoints").glob("ckpt_*.pt"))[-1:]  # a run folder's newest checkpoint
+        newest = list_checkpoints(path / "checkpoints")[-1:]  # a run folder's newest checkpoint (file or DCP)
         exported = [path / n for n in ("backbone.pth", "teacher_backbone.pth") if (path / n).is_file()]
         # a run folder: its exported teacher; the student (or a run stopped before its export) from the checkpoint
         order = [*newest, *exported] if which == "student" else [*exported, *newest]

@@ -148,21 +148,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def training_backbone(ckpt: dict[str, Any], path: str | Path, which: str = "teacher") -> tuple[dict[str, Tensor], dict]:
+    """(backbone state dict, model config) of a loaded dinolike training checkpoint (a file or a DCP folder)."""
+    parts = ckpt["model"]
+    if "emas" in parts:  # distillation: the kept model is the EMA of the first student
+        prefix, part = "0.backbone.", parts["emas" if which == "teacher" else "students"]
+    elif which in parts:
+        prefix, part = "backbone.", parts[which]
+    else:
+        raise CheckpointMismatchError(f"{path} has no '{which}' model; it has {sorted(parts)}")
+    sd = {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
+    return sd, json.loads(ckpt["config"])["model"]
+
+
 def backbone_state_and_cfg(path: str | Path, which: str = "teacher") -> tuple[dict[str, Tensor], dict | None]:
     """(backbone state dict, model config or None) from any supported checkpoint file."""
     ckpt = read_checkpoint(path)
     cfg = None
     if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:  # dinolike training checkpoint
-        parts = ckpt["model"]
-        if "emas" in parts:  # distillation: the kept model is the EMA of the first student
-            prefix, part = "0.backbone.", parts["emas" if which == "teacher" else "students"]
-        elif which in parts:
-            prefix, part = "backbone.", parts[which]
-        else:
-            raise CheckpointMismatchError(f"{path} has no '{which}' model; it has {sorted(parts)}")
-        sd = {k[len(prefix) :]: v for k, v in part.items() if k.startswith(prefix)}
-        cfg = json.loads(ckpt["config"])["model"]
-        return sd, cfg
+        return training_backbone(ckpt, path, which)
     if isinstance(ckpt, dict) and isinstance(ckpt.get("teacher"), dict):  # official teacher_checkpoint.pth
         ckpt = {k: v for k, v in ckpt["teacher"].items() if k.startswith("backbone.")}
     elif isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):

@@ -11,6 +11,8 @@ Integrity, because a checkpoint is the only copy of days of compute:
 - a new checkpoint is read back and verified before any older one is deleted (keep_last).
 - resume walks back from the newest checkpoint to the newest intact one; damaged files are renamed to
   `*.damaged` (kept for inspection, out of the way of resume and of keep_last).
+FSDP runs write sharded DCP folders instead (`ckpt_NNNNNNN/`, dcp.py) with the same guarantees; both kinds
+share the naming, the listing, keep_last and the walk back, so a run can move between them.
 """
 
 from __future__ import annotations
@@ -20,79 +22,27 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dinolike.errors import DinolikeError
 from dinolike.models.load import CheckpointMismatchError, state_checksum, state_leaves
+from dinolike.training import dcp
+from dinolike.training.atomic import CheckpointWriteError, NonFiniteStateError, RunWriteError, atomic_save
+
+__all__ = ["CheckpointWriteError", "DamagedCheckpointError", "NonFiniteStateError", "RunWriteError", "atomic_save"]
 
 log = logging.getLogger("dinolike.train")
 
-_NAME = re.compile(r"ckpt_(\d{7,})\.pt$")
-_TEMP = re.compile(r"\.ckpt_\d{7,}\.pt\.tmp\d+$")
+_NAME = re.compile(r"ckpt_(\d{7,})(\.pt)?$")  # a file, or a DCP folder
+_TEMP = re.compile(r"\.ckpt_\d{7,}(\.pt\.tmp\d+|\.tmp)$")
 DAMAGED_SUFFIX = ".damaged"
 
 
 class DamagedCheckpointError(CheckpointMismatchError):
     """A checkpoint file that cannot be read, is not a training checkpoint, or fails its checksum."""
-
-
-class RunWriteError(DinolikeError, RuntimeError):
-    """A file of the run (checkpoint, metrics, export) could not be written: disk full, quota, I/O error."""
-
-
-class CheckpointWriteError(RunWriteError):
-    """Writing a checkpoint failed (disk full, quota, I/O error); the previous checkpoint is untouched."""
-
-
-class NonFiniteStateError(DinolikeError, RuntimeError):
-    """The state to checkpoint holds NaN/inf weights; it is refused so the last good checkpoint stays newest."""
-
-
-class _WriteRecorder:
-    """A file wrapper that keeps the OSError of a failed write: torch.save turns a full disk into a
-    RuntimeError ("unexpected pos 704 vs 598") that names neither the errno nor the file."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def __getattr__(self, name: str) -> Any:  # name, fileno, ...: the real file's
-        return getattr(self.file, name)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file intact.
-    A failed write (e.g. ENOSPC) removes its temp file, so a full disk is not made fuller, and raises the
-    OSError that caused it (torch.save's own error hides it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            recorder = _WriteRecorder(f)
-            try:
-                torch.save(obj, recorder)
-            except RuntimeError:
-                if recorder.error is not None:
-                    raise recorder.error from None
-                raise
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict[str, Any]:
@@ -113,8 +63,21 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
 
 
-def checkpoint_path(ckpt_dir: Path, iteration: int) -> Path:
-    return ckpt_dir / f"ckpt_{iteration:07d}.pt"
+def checkpoint_path(ckpt_dir: Path, iteration: int, sharded: bool = False) -> Path:
+    return ckpt_dir / (f"ckpt_{iteration:07d}" if sharded else f"ckpt_{iteration:07d}.pt")
+
+
+def remove_checkpoint(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def prune(ckpt_dir: Path, iteration: int, keep_last: int) -> None:
+    """Delete checkpoints up to `iteration` beyond the newest `keep_last`; a newer one (left by an earlier
+    run) never pushes out the checkpoint just written."""
+    if keep_last > 0:
+        upto = [p for p in list_checkpoints(ckpt_dir) if _iteration_of(p) <= iteration]
+        for old in upto[:-keep_last]:
+            remove_checkpoint(old)
 
 
 def _iteration_of(path: Path) -> int:
@@ -133,8 +96,10 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
-    """A checkpoint file, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
+    """A checkpoint file or DCP folder, or a run directory (or its checkpoints/ folder): its newest checkpoint."""
     p = Path(path)
+    if dcp.is_dcp_checkpoint(p):
+        return p
     if p.is_dir():
         found = list_checkpoints(p / "checkpoints") or list_checkpoints(p)
         if not found:
@@ -181,17 +146,18 @@ def save_checkpoint(ckpt_dir: Path, iteration: int, state: dict[str, Any], keep_
     except DamagedCheckpointError as e:
         _quarantine(path)
         raise CheckpointWriteError(f"checkpoint {path} did not read back intact ({e}); {kept}") from None
-    if keep_last > 0:
-        # only checkpoints up to this one take part: a newer file (left by an earlier run) never
-        # pushes out the checkpoint just written
-        for old in [*previous, path][:-keep_last]:
-            old.unlink(missing_ok=True)
+    prune(ckpt_dir, iteration, keep_last)
     return path
 
 
-def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: Path, mmap: bool = False, model: bool = True) -> dict[str, Any]:
     """Load (weights only) and verify a training checkpoint; DamagedCheckpointError names the file and why.
-    Checkpoints written before checksums existed are accepted on their structure alone."""
+    Checkpoints written before checksums existed are accepted on their structure alone.
+
+    A DCP folder is verified (collectively when distributed: every rank must call) and gives its meta
+    (`format: dcp`); with `model` also the full model tensors, read in this process (export, distillation)."""
+    if Path(path).is_dir():
+        return _load_dcp(Path(path), model)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - named file, readable reason
@@ -205,6 +171,19 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
             raise DamagedCheckpointError(f"{path} is not a dinolike training checkpoint (no '{key}')")
     if "checksum" in ckpt and ckpt["checksum"] != state_checksum(ckpt):
         raise DamagedCheckpointError(f"{path} fails its checksum: the file was damaged after it was written")
+    return ckpt
+
+
+def _load_dcp(path: Path, model: bool) -> dict[str, Any]:
+    why = dcp.verify(path)
+    if why is not None:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {why}")
+    try:
+        ckpt = dcp.read_meta(path)
+        if model:
+            ckpt["model"] = dcp.read_full_model(path)
+    except Exception as e:  # noqa: BLE001 - named folder, readable reason
+        raise DamagedCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     return ckpt
 
 
@@ -229,11 +208,11 @@ def newest_intact(ckpt_dir: Path, main: bool = True) -> tuple[Path, dict[str, An
         for tmp in ckpt_dir.iterdir():
             if _TEMP.match(tmp.name):
                 log.warning("removing %s: a checkpoint write that a crash interrupted", tmp)
-                tmp.unlink(missing_ok=True)
+                remove_checkpoint(tmp)
     damaged: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, model=False)  # a DCP folder: its shards are loaded by each rank
         except DamagedCheckpointError as e:
             damaged.append((path, str(e)))
             continue

@@ -59,7 +59,8 @@ def build_train_loader(cfg: DictConfig, env: dist.DistEnv, start_position: int) 
 
     Files on disk are probed first: a dataset without one readable image fails here, before training,
     instead of "training" on empty batches and exporting an untrained model."""
-    base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit)
+    base = build_dataset(cfg.data.train, channels=cfg.data.channels, limit=cfg.data.limit,
+                         shard_window=cfg.data.shard_window)
     if getattr(base, "paths", None) is not None:
         check_readable(base.paths, cfg.data.train, cfg.data.channels, seed=cfg.run.seed)
     grid = cfg.crops.global_size // cfg.model.patch_size
@@ -81,9 +82,11 @@ def build_skip_guard(cfg: DictConfig, loader: DataLoader) -> SkipGuard:
     so a small dataset is judged on (about) each of its files once."""
     base = loader.dataset.base
     paths = getattr(base, "paths", None)
+    name_of = getattr(base, "name_of", None)  # shards: "DIR/shard-000012.tar member 345"
+    if name_of is None:
+        name_of = (lambda i: paths[i]) if paths is not None else (lambda i: f"item {i}")
     window = cfg.data.skip_window
-    return SkipGuard(cfg.data.max_skipped_fraction, window, min(window, len(base)),
-                     name_of=(lambda i: paths[i]) if paths is not None else (lambda i: f"item {i}"))
+    return SkipGuard(cfg.data.max_skipped_fraction, window, min(window, len(base)), name_of=name_of)
 
 
 def grey_scale_warning(cfg: DictConfig) -> str | None:

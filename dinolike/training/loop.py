@@ -23,6 +23,7 @@ from dinolike.config import to_container
 from dinolike.errors import DinolikeError
 from dinolike.models.load import CheckpointMismatchError
 from dinolike.training import checkpoint as ck
+from dinolike.training import dcp
 from dinolike.training.collapse import CollapseError, CollapseWatch
 from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader, grey_scale_warning
 from dinolike.training.estimate import StepTimer, estimate_seconds_per_iteration, human_duration
@@ -90,16 +91,19 @@ def _any_rank_empty(batch: dict) -> bool:
 
 
 def _state(method: nn.Module, opt: torch.optim.Optimizer, it: int, cfg: DictConfig, skips: SkipGuard) -> dict:
-    """Collective under FSDP (shards are gathered to rank 0): every rank calls, rank 0 saves."""
-    return {
-        "model": {k: fsdp.model_state(v) for k, v in method.checkpointed_parts().items()},
-        "optimizer": fsdp.optim_state(method.student, opt),
+    """Collective (every rank calls). Sharded runs: the state outside the model (DCP writes the shards);
+    otherwise the full state too (gathered to rank 0 under DDP), which rank 0 saves as one file."""
+    meta = {
         "iteration": it,
         "config": ck.config_json(to_container(cfg)),
         "rng": ck.rng_state(),  # rank 0's
         "rng_ranks": dist.all_gather_objects(ck.rng_state()),  # every rank's (drop path differs per rank)
         "skips": skips.state_dict(),  # unreadable-image counts of the run so far (collective)
     }
+    if fsdp.is_sharded(method.student):
+        return meta
+    return {"model": {k: fsdp.model_state(v) for k, v in method.checkpointed_parts().items()},
+            "optimizer": fsdp.optim_state(method.student, opt), **meta}
 
 
 def _restore_rng(ckpt: dict, env: dist.DistEnv, seed: int, it: int) -> None:
@@ -117,6 +121,12 @@ def _restore_rng(ckpt: dict, env: dist.DistEnv, seed: int, it: int) -> None:
 def _restore(method: nn.Module, opt: torch.optim.Optimizer | None, ckpt: dict, source: Path) -> None:
     from dinolike.models.load import check_state
 
+    if ckpt.get("format") == "dcp":  # each rank reads its own part, resharded from any world size
+        try:
+            dcp.load_sharded(Path(ckpt["path"]), method, opt)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointMismatchError(f"{source} does not fit this model: {str(e).splitlines()[0]}") from None
+        return
     parts = method.checkpointed_parts()
     missing = sorted(set(parts) - set(ckpt["model"]))
     if missing:
@@ -174,7 +184,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, out: Path, runlog: RunLog) -> int
         how = f"resuming at iteration {start} from {path.name}"
     elif cfg.run.init_from:
         src = ck.resolve_checkpoint(cfg.run.init_from, what="run.init_from")
-        ckpt = ck.load_checkpoint(src)
+        ckpt = ck.load_checkpoint(src, model=False)
         _restore(method, opt, ckpt, src)
         start = ckpt["iteration"]  # the schedules continue where the previous phase stopped
         log.info("phase starts from %s at iteration %d", src, start)
@@ -333,6 +343,13 @@ def _agreed_stop(stop: StopFlag, it: int, every: int) -> str | None:
 def _save(method: nn.Module, opt, it: int, cfg: DictConfig, ckpt_dir: Path, env: dist.DistEnv,
           skips: SkipGuard) -> Path:
     state = _state(method, opt, it, cfg, skips)
+    if fsdp.is_sharded(method.student):  # DCP: every rank writes its own shards, nobody holds the full state
+        path = ck.checkpoint_path(ckpt_dir, it, sharded=True)
+        dcp.save_sharded(path, method, opt, state)
+        if env.is_main:
+            ck.prune(ckpt_dir, it, cfg.run.keep_last)
+        dist.barrier()
+        return path
     if env.is_main:
         ck.save_checkpoint(ckpt_dir, it, state, cfg.run.keep_last)
     dist.barrier()

@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[object, ...]] = {
 }
 MINIMUM: dict[str, float] = {
     **dict.fromkeys(("run.log_every", "run.checkpoint_every", "data.batch_size", "data.skip_window", "data.limit",
-                     "optim.epoch_length", "dist.local_processes"), 1),
+                     "data.shard_window", "optim.epoch_length", "dist.local_processes"), 1),
     **dict.fromkeys(("run.keep_last", "data.num_workers", "optim.warmup_epochs", "optim.clip_grad",
                      "optim.lr_cooldown_epochs"), 0),
 }
