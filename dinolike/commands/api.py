@@ -148,7 +148,7 @@ def embed(
     collapsed or never learned) raises CollapsedBackboneError, unless `allow_collapsed`.
     """
     from dinolike.data.datasets import as_spec, build_dataset
-    from dinolike.eval.embed import embed_dataset, load_backbone
+    from dinolike.eval.embed import embed_dataset, load_backbone, refuse_collapsed
 
     try:
         spec = as_spec(data)
@@ -167,21 +167,3 @@ def embed(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return embed_dataset(model, dataset, preprocess, patches=patches, batch_size=batch_size,
                          num_workers=num_workers, device=device, progress=progress)
-
-
-def refuse_collapsed(model: nn.Module, preprocess: Preprocess, source: str) -> None:
-    """CollapsedBackboneError when `model` gives 32 probe images the same CLS embedding: the check
-    `dinolike export` and the end of a run make, so that no path hands out such embeddings silently (a run
-    that refused its export used to be embedded from its checkpoint: mean cosine 0.99999)."""
-    from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine
-
-    backbone = getattr(model, "backbone", model)
-    if not hasattr(backbone, "forward_features"):  # a caller's own module: no CLS token to probe
-        return
-    cosine = backbone_cls_cosine(backbone, preprocess.channels, preprocess.numbers.crop)
-    if cosine >= CONSTANT_COSINE:
-        raise CollapsedBackboneError(
-            f"refusing to embed with {source}: it gives every input the same CLS embedding (mean cosine "
-            f"{cosine:.5f} over 32 probe images), so it has collapsed or never learned (a run that ended so "
-            "exports nothing, and embed used to fall back to its checkpoint); allow_collapsed=True "
-            "(--allow-collapsed) embeds anyway")

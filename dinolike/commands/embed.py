@@ -1,39 +1,22 @@
-"""`dinolike embed CKPT_OR_RUN --data folder:DIR --out FILE [--patches]`: embeddings of a set of images.
-
-One row per readable image, with its file name, in the order of the folder (sorted paths). The backbone
-is any checkpoint, run folder or export `dinolike eval` accepts; the images get the run's own
-preprocessing (its crop size and mean/std, what `dinolike export` writes).
-
-FILE by its suffix:
-  .npy      FILE: CLS embeddings [N, D] float32; FILE without .npy + .names.txt: one file name a line;
-            with --patches also FILE without .npy + .patches.npy: pooled patch embeddings [N, D]
-  .parquet  one table: name, label (first-level sub-folder index, -1 without one), cls, patches
-            (fixed-size float32 lists); needs pyarrow (pip install pyarrow)
-"""
+"""`dinolike embed CKPT_OR_RUN --data folder:DIR --out FILE [--patches]`: parse, then the embed job
+(`dinolike.jobs.embed.embed_to_file`, whose docstring lists the output formats)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-from pathlib import Path
-
-import numpy as np
 
 from dinolike.errors import DinolikeError
-from dinolike.eval.embed import Embeddings
+from dinolike.jobs.embed import SUFFIXES, embed_to_file
+from dinolike.jobs.embed import __doc__ as _JOB_DOC
 
-SUFFIXES = (".npy", ".parquet")
-
-
-class EmbedError(DinolikeError):
-    """Bad input for `dinolike embed` the user can fix: printed as one line, exit status 2."""
+EPILOG = _JOB_DOC.split("\n\n", 2)[2]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dinolike embed", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2],
+    p = argparse.ArgumentParser(prog="dinolike embed",
+                                description="CLS (+ pooled patch) embeddings of a set of images -> .npy / .parquet.",
+                                epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pretrained",
                    help="run folder, training checkpoint, exported or official backbone, HF / timm folder")
@@ -51,114 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sidecars(out: Path) -> dict[str, Path]:
-    """The files a .npy output is made of, by content."""
-    stem = out.with_suffix("")
-    return {"cls": out, "names": Path(f"{stem}.names.txt"), "patches": Path(f"{stem}.patches.npy")}
-
-
-def check_output(out: Path) -> None:
-    """Before any image is read: a suffix we write, a folder we can write into, pyarrow for parquet."""
-    if out.suffix not in SUFFIXES:
-        raise EmbedError(f"--out {out}: unknown suffix {out.suffix or '(none)'!r}; use {' or '.join(SUFFIXES)}")
-    if out.suffix == ".parquet":
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise EmbedError("writing .parquet needs pyarrow (pip install pyarrow); or use --out FILE.npy") from None
-    if out.is_dir():
-        raise EmbedError(f"--out {out} is a folder; give a file name")
-    check_writable_parent(out)
-
-
-def check_writable_parent(out: Path) -> None:
-    """The folder `out` goes into can be created and written, before minutes of work (a read-only target
-    used to fail after the work with a traceback, a parent that is a file with FileExistsError)."""
-    parent = out.absolute().parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise EmbedError(f"--out {out}: {existing} is a file, not a folder")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise EmbedError(f"--out {out}: cannot write in {existing} ({e.strerror or e})") from None
-
-
-def checkpoint_note(pretrained: Path, which: str) -> str | None:
-    """What a run folder without its teacher export is embedded with (its newest checkpoint), said aloud: the
-    run has not finished, or its end refused the export."""
-    if which != "teacher" or not pretrained.is_dir() or (pretrained / "teacher_backbone.pth").is_file():
-        return None
-    newest = sorted((pretrained / "checkpoints").glob("ckpt_*.pt"))[-1:]
-    if not newest or (pretrained / "backbone.pth").is_file():
-        return None
-    return (f"{pretrained} has no teacher_backbone.pth (the run has not finished, or its end refused the export): "
-            f"embedding with the teacher of {newest[0].relative_to(pretrained)}")
-
-
-def write(emb: Embeddings, out: Path, meta: dict) -> list[Path]:
-    """Write `emb` as `out` says (see the module docstring); returns the files written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        if any("\n" in n for n in emb.names):
-            raise EmbedError("a file name holds a line break and cannot be listed in .names.txt; use .parquet")
-        files = sidecars(out)
-        np.save(files["cls"], emb.cls)
-        files["names"].write_text("".join(f"{n}\n" for n in emb.names))
-        written = [files["cls"], files["names"]]
-        if emb.patches is not None:
-            np.save(files["patches"], emb.patches)
-            written.append(files["patches"])
-        return written
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    def column(x: np.ndarray) -> pa.Array:  # [N, D] -> N fixed-size lists of D float32
-        return pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), x.shape[1])
-
-    cols = {"name": pa.array(emb.names, pa.string()), "label": pa.array(emb.labels, pa.int64()), "cls": column(emb.cls)}
-    if emb.patches is not None:
-        cols["patches"] = column(emb.patches)
-    table = pa.table(cols).replace_schema_metadata({"dinolike": json.dumps(meta)})
-    pq.write_table(table, out)
-    return [out]
-
-
-def run(args: argparse.Namespace) -> tuple[Embeddings, list[Path]]:
-    """Load, embed and write; raises EmbedError / FileNotFoundError / DataError on bad input."""
-    from dinolike.commands.api import embed, refuse_collapsed
-    from dinolike.data.datasets import as_spec
-    from dinolike.eval.embed import load_backbone
-
-    out = Path(args.out)
-    check_output(out)
-    if args.batch_size < 1:
-        raise EmbedError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        spec = as_spec(args.data)
-    except ValueError as e:
-        raise EmbedError(f"--data: {e}") from None
-    model, prep = load_backbone(args.pretrained, args.which)
-    if note := checkpoint_note(Path(args.pretrained), args.which):
-        print(f"dinolike embed: note: {note}", file=sys.stderr)
-    if not args.allow_collapsed:
-        refuse_collapsed(model, prep, str(args.pretrained))
-    emb = embed(model, spec, prep, patches=args.patches, batch_size=args.batch_size, num_workers=args.num_workers,
-                device=args.device, progress=not args.no_progress, allow_collapsed=True)
-    n = prep.numbers
-    meta = {"pretrained": str(args.pretrained), "data": spec, "which": args.which,
-            "preprocessing": {"resize": n.resize, "crop": n.crop, "mean": list(n.mean), "std": list(n.std)}}
-    try:
-        return emb, write(emb, out, meta)
-    except OSError as e:  # the disk filled up or went away during the work
-        raise EmbedError(f"cannot write {out}: {e.strerror or e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        emb, files = run(args)
+        emb, files = embed_to_file(args.pretrained, args.data, args.out, patches=args.patches, which=args.which,
+                                   batch_size=args.batch_size, num_workers=args.num_workers,
+                                   device=args.device, progress=not args.no_progress,
+                                   allow_collapsed=args.allow_collapsed)
     except (DinolikeError, FileNotFoundError) as e:  # EmbedError, DataError, CollapsedBackboneError, ...
         print(f"dinolike embed: error: {e}", file=sys.stderr)
         return 2
@@ -167,6 +49,3 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(map(str, files))}{skipped}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

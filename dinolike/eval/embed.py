@@ -20,8 +20,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dinolike.data.normalize import build_eval_transform
-from dinolike.errors import NotFoundError
+from dinolike.errors import CollapsedBackboneError, NotFoundError
 from dinolike.eval.features import extract_features
+from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine
 from dinolike.interop.common import describe_backbone
 from dinolike.interop.run_info import Preprocessing, find_run_config, preprocessing
 
@@ -117,3 +118,19 @@ def embed_dataset(
         labels=feats.labels.numpy().astype(np.int64),
         skipped=[names[i] for i in missing],
     )
+
+
+def refuse_collapsed(model: nn.Module, preprocess: Preprocess, source: str) -> None:
+    """CollapsedBackboneError when `model` gives 32 probe images the same CLS embedding: the check
+    `dinolike export` and the end of a run make, so that no path hands out such embeddings silently (a run
+    that refused its export used to be embedded from its checkpoint: mean cosine 0.99999)."""
+    backbone = getattr(model, "backbone", model)
+    if not hasattr(backbone, "forward_features"):  # a caller's own module: no CLS token to probe
+        return
+    cosine = backbone_cls_cosine(backbone, preprocess.channels, preprocess.numbers.crop)
+    if cosine >= CONSTANT_COSINE:
+        raise CollapsedBackboneError(
+            f"refusing to embed with {source}: it gives every input the same CLS embedding (mean cosine "
+            f"{cosine:.5f} over 32 probe images), so it has collapsed or never learned (a run that ended so "
+            "exports nothing, and embed used to fall back to its checkpoint); allow_collapsed=True "
+            "(--allow-collapsed) embeds anyway")
