@@ -109,7 +109,8 @@ class ShardedIndex:
             return
         n, d = len(db), db.dim
         nlist = ivf_nlist(n, n_queries, self.cfg, "pool")
-        n_train = min(n, max(nlist, int(self.cfg["train_per_list"]) * nlist))
+        pq_min = 39 * 2 ** int(self.cfg["pq_nbits"]) if self.kind == "ivfpq" else 0  # faiss: >= 39 per codeword
+        n_train = min(n, max(nlist, int(self.cfg["train_per_list"]) * nlist, pq_min))
         rng = np.random.default_rng(seed)
         sample = db.take(np.sort(rng.choice(n, n_train, replace=False)))  # [n_train, D]
         quantizer = make_quantizer(train_centroids(sample, nlist, int(self.cfg["train_iters"]), seed,

@@ -136,11 +136,14 @@ class ShardSet:
     def stamp(self, i: int) -> Path:
         return self.root / f"shard_{i:05d}.verified.json"
 
+    def _stat(self, i: int) -> list[list[int]]:
+        return [[p.stat().st_size, p.stat().st_mtime_ns] for p in (self.npy(i), self.paths_file(i))]
+
     def check(self, i: int, info: dict[str, Any]) -> str | None:
         """`damage`, hashed once: a stamp keyed by the files' (size, mtime) skips the SHA-256 afterwards, so a
         resubmission or a later step does not re-read hundreds of GB of finished shards."""
         try:
-            stat = [[p.stat().st_size, p.stat().st_mtime_ns] for p in (self.npy(i), self.paths_file(i))]
+            stat = self._stat(i)
         except FileNotFoundError as e:
             return f"{Path(e.filename).name} is missing"
         try:
@@ -184,7 +187,7 @@ class ShardSet:
         atomic_write(self.paths_file(i), lambda f: f.write(lines), mode="wb")
         write_json(self.marker(i), {"rows": int(emb.shape[0]), "skipped": skipped, "fingerprint": fingerprint,
                                     "sha256": {"npy": _sha256(buf.getvalue()), "paths": _sha256(lines)}})
-        self.check(i, json.loads(self.marker(i).read_text()))  # hashes what was just written; stamps it
+        write_json(self.stamp(i), self._stat(i))  # hashed above from the very bytes written: verified
 
     def load(self, n_shards: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         """All shards concatenated: (embeddings [N, D] float32, names, labels [N], skipped names).
