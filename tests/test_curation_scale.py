@@ -103,7 +103,7 @@ def test_missing_or_corrupt_shard_is_one_line(pool: dict, capsys: pytest.Capture
     shards.npy(3).write_bytes(shards.npy(3).read_bytes()[:1000])  # truncated
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "shard 3" in err and "corrupt" in err, err
+    assert len(err.splitlines()) == 1 and "shard 3" in err and "damaged" in err, err
     shards.npy(3).unlink()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

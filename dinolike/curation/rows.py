@@ -127,14 +127,14 @@ def _check_shard(shards: ShardSet, i: int) -> tuple[dict[str, Any], np.ndarray]:
     try:
         arr = np.load(shards.npy(i), mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
-        raise StepOutputError(f"{where} is corrupt ({shards.npy(i).name}: {e}): run `embed` again") from None
+        raise StepOutputError(f"{where} is damaged ({shards.npy(i).name}: {e}): run `embed` again") from None
     rows = int(info.get("rows", -1))
     if arr.dtype != np.float32 or arr.ndim != 2 or arr.shape[0] != rows:
-        raise StepOutputError(f"{where} is corrupt ({shards.npy(i).name} holds {arr.dtype} {arr.shape}, its marker "
+        raise StepOutputError(f"{where} is damaged ({shards.npy(i).name} holds {arr.dtype} {arr.shape}, its marker "
                               f"says {rows} float32 rows): run `embed` again")
     why = shards.check(i, info)
     if why is not None:
-        raise StepOutputError(f"{where} is corrupt ({why}): run `embed` again to recompute it")
+        raise StepOutputError(f"{where} is damaged ({why}): run `embed` again to recompute it")
     return info, arr
 
 

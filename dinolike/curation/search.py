@@ -172,6 +172,9 @@ class ShardedIndex:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         if allowed is None:
             return index.search(xq, k)
-        sel = faiss.IDSelectorBatch(np.flatnonzero(allowed).astype(np.int64))
+        bits = np.packbits(allowed, bitorder="little")  # [ceil(N / 8)] uint8: 1.25 MB at 10M rows
+        sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
         params = faiss.SearchParametersIVF(sel=sel, nprobe=int(self.cfg["nprobe"]))
-        return index.search(xq, k, params=params)
+        out = index.search(xq, k, params=params)
+        del sel, bits  # `sel` points into `bits`: both live until the search returned
+        return out

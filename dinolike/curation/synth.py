@@ -42,18 +42,20 @@ def synthetic_shard(
 
 
 def write_synthetic_set(
-    root: str | Path, n: int, dim: int, shard_size: int, copy_frac: float = 0.05, seed: int = 0
+    root: str | Path, n: int, dim: int, shard_size: int, copy_frac: float = 0.05, seed: int = 0,
+    centres_of: int | None = None, use_centres: int | None = None,
 ) -> np.ndarray:
     """Write a complete embedded set (items.json, shards, markers) of n rows under `root`; returns the
-    injected copy pairs [C, 2] (copy row, source row)."""
+    injected copy pairs [C, 2] (copy row, source row). Seeds for retrieval: `centres_of` = the pool's size
+    (same centres as the pool) and `use_centres` = how many of them the seeds gather around."""
     shards = ShardSet(root)
     n_shards = -(-n // shard_size)
-    centres = _centres(n, dim, seed)
+    centres = _centres(centres_of or n, dim, seed)[:use_centres]
     pairs = []
     for i in range(n_shards):
         a = i * shard_size
         rows = min(shard_size, n - a)
-        if shards._marker_info(i) is None:
+        if shards._marker_info(i) is None:  # a rerun completes an interrupted set
             x, cp = synthetic_shard(i, rows, centres, copy_frac, seed, a)
             names = [f"synthetic/{j:09d}.jpg" for j in range(a, a + rows)]
             shards.write_shard(i, x, names, [-1] * rows, [], "synthetic")
