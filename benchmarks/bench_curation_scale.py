@@ -75,7 +75,9 @@ def child(args: argparse.Namespace) -> None:
         cfg = load_config(None, overrides(args))
         set_threads(args.threads)
         summary = run_step(cfg, args.child)
+    use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"step": args.child, "n": args.n, "seconds": round(time.perf_counter() - t0, 1),
+                      "cpu_seconds": round(use.ru_utime + use.ru_stime, 1),  # what shared cores do not blur
                       "peak_rss_gb": round(peak_rss_gb(), 2), "summary": summary}, default=str), flush=True)
 
 

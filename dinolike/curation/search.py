@@ -122,7 +122,12 @@ class ShardedIndex:
             if d % m:
                 raise ValueError(f"index.pq_m={m} must divide the embedding dim {d}")
             index = faiss.IndexIVFPQ(quantizer, d, nlist, m, int(self.cfg["pq_nbits"]), faiss.METRIC_INNER_PRODUCT)
-        index.train(sample)  # the quantizer holds the centroids already: this trains the PQ codebooks
+        # the quantizer holds the centroids already: this trains only the PQ codebooks, on the residuals of the
+        # rows given, so give it what faiss samples anyway (256 per codeword), not a second copy of the sample
+        n_pq = min(len(sample), 256 * 2 ** int(self.cfg["pq_nbits"]))
+        pq_rows = sample[np.sort(rng.choice(len(sample), n_pq, replace=False))]
+        del sample
+        index.train(pq_rows)
         quantizer.this.disown()  # owned by `index` from here on (serialised with it)
         index.own_fields = True
         log.info("index: %s, %d lists, trained on %d of %d rows", self.kind, nlist, n_train, n)
