@@ -8,6 +8,8 @@ flow: the pool (clustered unit vectors, 5 % injected near-copies; curation/synth
 written in the work dir's shard format, then `dedup`, `retrieve` and `sample` run as the library steps
 (`run_step`), each in its own process so that its peak RSS is its own. The work dir is kept between runs:
 data and finished steps are reused (delete it to start over).
+`--steps data keepall sample` times `sample` alone on a pool too large to dedup here: `keepall` writes a
+stand-in dedup result that keeps every image (its output says so).
 quality: after `dedup` on the pool, `--queries` random images are searched exactly (the whole pool streamed
 past them): precision and recall of the dedup edges at those images against exact search, and how many of
 the injected copies were merged / how many other images were removed.
@@ -71,6 +73,16 @@ def child(args: argparse.Namespace) -> None:
         np.save(Path(args.work) / "copies.npy", copies)
         write_synthetic_set(emb / "seeds", 10_000, args.dim, 10_000, 0.0, 0, centres_of=args.n, use_centres=50)
         summary: dict = {"rows": args.n, "copies": len(copies)}
+    elif args.child == "keepall":  # a stand-in dedup result (every image kept) to time the later steps alone
+        from dinolike.curation.dedup_step import dedup_fingerprint
+        from dinolike.curation.store import save_npz, write_json
+
+        cfg = load_config(None, overrides(args))
+        n, out = args.n, Path(args.work) / "dedup"
+        save_npz(out / "result.npz", keep=np.ones(n, bool), component=np.arange(n), leak=np.zeros(n, bool),
+                 ref_sim=np.full(n, -np.inf, np.float32), ref_id=np.full(n, -1), n_edges=np.int64(0))
+        summary = {"stand_in": "dedup not run: every image kept"}
+        write_json(out / "done.json", {"fingerprint": dedup_fingerprint(cfg), "summary": summary})
     else:
         cfg = load_config(None, overrides(args))
         set_threads(args.threads)
@@ -106,7 +118,7 @@ def quality(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
     q = np.sort(rng.choice(len(view), args.queries, replace=False))
     t0 = time.perf_counter()
-    sims, ids = exact_knn(view, view.take(q), k + 1, int(cfg.scale.chunk_rows))  # [Q, k+1]
+    sims, ids = exact_knn(view, view.take(q), k + 1, 8192)  # [Q, k+1]; blocks of 8192 rows: Q x 8192 floats
     t_exact = time.perf_counter() - t0
     ref = {(int(a), int(b)) for a, row_s, row_i in zip(q, sims, ids, strict=True)
            for b, s in zip(row_i, row_s, strict=True) if s > thr and b != a}
@@ -153,7 +165,7 @@ def main() -> None:
     p.add_argument("--kmeans-iters", type=int, default=5)
     p.add_argument("--target", type=int, default=100_000)
     p.add_argument("--retrieve-clusters", type=int, default=1000)
-    p.add_argument("--queries", type=int, default=10_000)
+    p.add_argument("--queries", type=int, default=2_000)
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 50_000, 100_000])
     p.add_argument("--steps", nargs="+", default=["data", "dedup", "retrieve", "sample"])
     p.add_argument("--set", nargs="*", default=[], help="extra config overrides key=value")

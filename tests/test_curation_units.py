@@ -157,3 +157,19 @@ def test_embed_array_is_chunked_under_the_array_limit(tmp_path: Path) -> None:
     a, b = load_set(cfg, "pool"), load_set(local, "pool")
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
+
+
+def test_finished_shards_are_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed shard is stamped: later checks (every submission, every step) skip the SHA-256 until its
+    files change; a changed file is hashed again and found damaged."""
+    shards = ShardSet(tmp_path)
+    shards.write_shard(0, np.ones((2, 3), np.float32), ["a", "b"], [0, 1], [], "fp1")
+    hashed = []
+    real = ShardSet.damage
+    monkeypatch.setattr(ShardSet, "damage", lambda self, i, info: hashed.append(i) or real(self, i, info))
+    assert shards.is_complete(0, "fp1") and shards.is_complete(0, "fp1")
+    assert hashed == []  # stamped when written: never re-hashed
+    data = bytearray(shards.npy(0).read_bytes())
+    data[-1] ^= 1  # one flipped byte, same size
+    shards.npy(0).write_bytes(bytes(data))
+    assert not shards.is_complete(0, "fp1") and hashed == [0]

@@ -33,6 +33,7 @@ from .workdir import done, embeddings_fingerprint, prune_work, require, step_dir
 __all__ = ["step_dedup", "load_dedup", "pool_index", "search_part", "dedup_fingerprint"]
 
 log = logging.getLogger(__name__)
+_RERANK_PAIRS = 1 << 16  # candidate pairs re-scored at once: at most 65,536 rows gathered (100 MB at D = 384)
 
 
 def dedup_fingerprint(cfg: DictConfig) -> str:
@@ -79,8 +80,11 @@ def search_part(
         src, dst = rows[hit], ids[hit]
         if index is not None:  # the decision is taken on exact cosines, read from the memory-mapped floats
             n_cand += len(src)
-            exact = rerank(pool, xq, src - s, dst)
-            src, dst = src[exact > threshold], dst[exact > threshold]
+            keep = np.zeros(len(src), bool)
+            for e in range(0, len(src), _RERANK_PAIRS):  # bounded gathers: candidates near the threshold can
+                sl = slice(e, e + _RERANK_PAIRS)  # be dozens per image on real (and these synthetic) pools
+                keep[sl] = rerank(pool, xq, src[sl] - s, dst[sl]) > threshold
+            src, dst = src[keep], dst[keep]
         srcs.append(src)
         dsts.append(dst)
     src, dst = np.concatenate(srcs), np.concatenate(dsts)
