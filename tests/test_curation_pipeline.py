@@ -91,7 +91,7 @@ def test_rerun_skips_finished_steps_and_sample_is_balanced(curated: dict) -> Non
     assert main(["dedup", "--config", str(DEMO), *curated["overrides"]]) == 0
     assert (work / "dedup" / "result.npz").stat().st_mtime_ns == before  # up to date: not recomputed
     assert main(["sample", "--config", str(DEMO), *curated["overrides"], "sample.target=600",
-                 "sample.levels=[40]"]) == 0
+                 "sample.levels=[40]", "sample.resample_steps=[0]", "sample.sample_size=[5]"]) == 0
     with np.load(work / "sample" / "result.npz") as z:
         ids, cluster, pool_cluster = z["ids"], z["cluster"], z["pool_cluster"]
     keep = load_dedup(cfg).keep

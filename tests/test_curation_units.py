@@ -125,3 +125,51 @@ def test_submit_embed_sends_only_pending_shards(tmp_path: Path) -> None:
     assert submit_embed(cfg, InlineExecutor()) == [True, True, True]
     assert submit_embed(cfg, InlineExecutor()) == []  # everything complete: nothing submitted
     assert prepare_sets(cfg) == {"pool": 3}
+
+
+def test_embed_array_is_chunked_under_the_array_limit(tmp_path: Path) -> None:
+    """7 pending shards under `embed.array_max=3`: 3 tasks of 3/2/2 shards, `array_parallel` passed on as
+    the array's concurrency; each task reads its items by byte offset and the shards equal a local run."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(13):
+        Image.fromarray(np.full((28, 28), 15 * i, np.uint8)).save(pool / f"{i:02d}.png")
+    over = [f"pool=[folder-nolabels:{pool}]", "references=[]", "seeds=[]", "embed.shard_size=2",
+            "embed.progress=false", "embed.array_max=3", "embed.array_parallel=2"]
+    cfg = load_config(DEMO, [f"work_dir={tmp_path / 'w'}", *over])
+    seen: dict = {}
+
+    class InlineExecutor:
+        def update_parameters(self, **kw):  # noqa: ANN003, ANN202
+            seen.update(kw)
+
+        def map_array(self, fn, *args):  # noqa: ANN001, ANN202
+            seen["tasks"] = args[1]
+            return [fn(*a) for a in zip(*args, strict=True)]
+
+    assert submit_embed(cfg, InlineExecutor()) == [3, 2, 2]
+    assert seen["slurm_array_parallelism"] == 2
+    assert [[i for _, i in t] for t in seen["tasks"]] == [[0, 3, 6], [1, 4], [2, 5]]
+    local = load_config(DEMO, [f"work_dir={tmp_path / 'local'}", *over])
+    from dinolike.curation.embed import load_set, run_embed
+
+    run_embed(local)
+    a, b = load_set(cfg, "pool"), load_set(local, "pool")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+def test_finished_shards_are_hashed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed shard is stamped: later checks (every submission, every step) skip the SHA-256 until its
+    files change; a changed file is hashed again and found damaged."""
+    shards = ShardSet(tmp_path)
+    shards.write_shard(0, np.ones((2, 3), np.float32), ["a", "b"], [0, 1], [], "fp1")
+    hashed = []
+    real = ShardSet.damage
+    monkeypatch.setattr(ShardSet, "damage", lambda self, i, info: hashed.append(i) or real(self, i, info))
+    assert shards.is_complete(0, "fp1") and shards.is_complete(0, "fp1")
+    assert hashed == []  # stamped when written: never re-hashed
+    data = bytearray(shards.npy(0).read_bytes())
+    data[-1] ^= 1  # one flipped byte, same size
+    shards.npy(0).write_bytes(bytes(data))
+    assert not shards.is_complete(0, "fp1") and hashed == [0]

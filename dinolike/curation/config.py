@@ -29,10 +29,12 @@ CHOICES: dict[str, tuple[object, ...]] = {
     "index.gpu": ("auto", True, False, "true", "false"),
     "retrieve.methods": ("sample", "cluster"),
     "build.sources": ("dedup", "retrieve", "sample"),
+    "sample.pick": ("random", "closest"),
 }
 MINIMUM: dict[str, float] = {
     **dict.fromkeys(("embed.shard_size", "embed.batch_size", "index.list_size", "index.nprobe", "dedup.k",
-                     "retrieve.k", "retrieve.n_clusters", "retrieve.per_cluster", "sample.target"), 1),
+                     "retrieve.k", "retrieve.n_clusters", "retrieve.per_cluster", "sample.target",
+                     "scale.part_rows", "scale.chunk_rows", "embed.array_max", "embed.array_parallel"), 1),
     **dict.fromkeys(("embed.num_workers", "index.nlist", "index.threads"), 0),
 }
 
@@ -68,6 +70,11 @@ def check_config(cfg: DictConfig, step: str) -> None:
                 raise ConfigError(f"{name}: {e}") from None
             if name == "pool" and scheme == "fmnist":
                 raise ConfigError(f"pool spec {spec!r}: the pool must be files (folder:/... or manifest:/...)")
+    n_levels = len(cfg.sample.levels)
+    for key in ("resample_steps", "sample_size"):
+        if len(cfg.sample[key]) != n_levels:
+            raise ConfigError(f"sample.{key} has {len(cfg.sample[key])} entries for {n_levels} sample.levels: "
+                              "give one per level")
     if step != "demo" and not cfg.pool:
         raise ConfigError("pool is empty: set pool=[folder:/path] (or a manifest)")
     if cfg.embed.embedder == "backbone" and not cfg.embed.backbone.checkpoint:

@@ -17,7 +17,7 @@ import numpy as np
 from .index import assign, build_index, kmeans, search
 from .sample import group_members
 
-__all__ = ["Retrieved", "sample_based", "cluster_based"]
+__all__ = ["Retrieved", "sample_based", "cluster_based", "best_per_image", "pick_from_clusters"]
 
 
 @dataclass
@@ -37,8 +37,14 @@ def sample_based(
     """k nearest pool rows of each seed; an image reached from several seeds keeps its most similar one."""
     index = build_index(pool, index_cfg, seed=seed, what="deduplicated pool", n_queries=len(seeds))
     sims, ids = search(index, seeds, k, int(index_cfg["query_chunk"]), progress, "retrieve kNN")  # [S, k]
+    return best_per_image(sims, ids, min_similarity)
+
+
+def best_per_image(sims: np.ndarray, ids: np.ndarray, min_similarity: float) -> Retrieved:
+    """Neighbour lists (sims [S, k], ids [S, k], most similar first) -> one row per image reached, keeping
+    the seed it is most similar to."""
     ranks = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
-    seed_ix = np.broadcast_to(np.arange(len(seeds))[:, None], sims.shape)
+    seed_ix = np.broadcast_to(np.arange(len(sims))[:, None], sims.shape)
     ok = (ids >= 0) & (sims >= min_similarity)
     ids, sims, ranks, seed_ix = ids[ok], sims[ok], ranks[ok], seed_ix[ok]
     order = np.lexsort((-sims, ids))  # by image, best similarity first
@@ -62,6 +68,14 @@ def cluster_based(
                        max_points_per_centroid=train_per_cluster)  # [C, D]
     pool_c, _ = assign(pool, centroids)  # [N]
     seed_c, _ = assign(seeds, centroids)  # [S]
+    return pick_from_clusters(pool_c, seed_c, n_clusters, min_seeds, per_cluster, seed)
+
+
+def pick_from_clusters(
+    pool_c: np.ndarray, seed_c: np.ndarray, n_clusters: int, min_seeds: int, per_cluster: int, seed: int
+) -> tuple[Retrieved, dict[str, int]]:
+    """Given the cluster of every pool image [N] and seed [S]: the images of the clusters holding more than
+    `min_seeds` seeds, up to `per_cluster` of each, drawn at random."""
     n_seeds = np.bincount(seed_c, minlength=n_clusters)  # [C]
     sizes = np.bincount(pool_c, minlength=n_clusters)
     used = np.flatnonzero(n_seeds > min_seeds)

@@ -62,8 +62,15 @@ def balanced_quota(budget: int, capacity: np.ndarray) -> np.ndarray:
     return quota
 
 
-def balanced_sample(parents: list[np.ndarray], target: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Image ids (sorted) of a balanced sample of about `target` images, and their level-1 cluster ids."""
+def balanced_sample(
+    parents: list[np.ndarray], target: int, seed: int = 0, pick: str = "random", sims: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image ids (sorted) of a balanced sample of about `target` images, and their level-1 cluster ids.
+
+    pick: within a level-1 cluster, `random` images or the `closest` to its centroid (`sims` [N]: each
+    image's cosine to its centroid), the paper's two strategies."""
+    if pick not in ("random", "closest") or (pick == "closest" and sims is None):
+        raise ValueError(f"pick must be random, or closest with sims given; got {pick!r}")
     rng = np.random.default_rng(seed)
     # images under each cluster, per level (level 0 = the images themselves)
     counts = [np.bincount(parents[0])]
@@ -81,7 +88,11 @@ def balanced_sample(parents: list[np.ndarray], target: int, seed: int = 0) -> tu
         quota = child_quota
     members_of = group_members(parents[0], len(quota))
     picked = []
-    for c in np.flatnonzero(quota):  # random images within each level-1 cluster
-        picked.append(rng.choice(members_of[c], int(quota[c]), replace=False))
+    for c in np.flatnonzero(quota):  # quota[c] images within each level-1 cluster
+        members = members_of[c]
+        if pick == "random":
+            picked.append(rng.choice(members, int(quota[c]), replace=False))
+        else:
+            picked.append(members[np.argsort(-sims[members], kind="stable")[: int(quota[c])]])
     ids = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
     return ids.astype(np.int64), parents[0][ids]

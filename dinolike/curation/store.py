@@ -133,6 +133,29 @@ class ShardSet:
                 return f"{self.npy(i).name} row count disagrees with {self.marker(i).name}"
         return None
 
+    def stamp(self, i: int) -> Path:
+        return self.root / f"shard_{i:05d}.verified.json"
+
+    def _stat(self, i: int) -> list[list[int]]:
+        return [[p.stat().st_size, p.stat().st_mtime_ns] for p in (self.npy(i), self.paths_file(i))]
+
+    def check(self, i: int, info: dict[str, Any]) -> str | None:
+        """`damage`, hashed once: a stamp keyed by the files' (size, mtime) skips the SHA-256 afterwards, so a
+        resubmission or a later step does not re-read hundreds of GB of finished shards."""
+        try:
+            stat = self._stat(i)
+        except FileNotFoundError as e:
+            return f"{Path(e.filename).name} is missing"
+        try:
+            if json.loads(self.stamp(i).read_text()) == stat:
+                return None
+        except (OSError, ValueError):
+            pass
+        why = self.damage(i, info)
+        if why is None:
+            write_json(self.stamp(i), stat)
+        return why
+
     def is_complete(self, i: int, fingerprint: str) -> bool:
         """True when shard `i` was fully written by an embedder with this fingerprint and is undamaged
         (a damaged shard is reported and counts as not computed, so `embed` recomputes it).
@@ -147,7 +170,7 @@ class ShardSet:
                 f"{self.marker(i)} was written by another embedder config ({info.get('fingerprint')} != "
                 f"{fingerprint}); use a new work_dir or delete {self.root}"
             )
-        why = self.damage(i, info)
+        why = self.check(i, info)
         if why is not None:
             log.warning("shard %d of %s is damaged (%s): it will be recomputed", i, self.root, why)
             return False
@@ -164,6 +187,7 @@ class ShardSet:
         atomic_write(self.paths_file(i), lambda f: f.write(lines), mode="wb")
         write_json(self.marker(i), {"rows": int(emb.shape[0]), "skipped": skipped, "fingerprint": fingerprint,
                                     "sha256": {"npy": _sha256(buf.getvalue()), "paths": _sha256(lines)}})
+        write_json(self.stamp(i), self._stat(i))  # hashed above from the very bytes written: verified
 
     def load(self, n_shards: int) -> tuple[np.ndarray, list[str], np.ndarray, list[str]]:
         """All shards concatenated: (embeddings [N, D] float32, names, labels [N], skipped names).
@@ -173,7 +197,7 @@ class ShardSet:
             info = self._marker_info(i)
             if info is None:
                 raise StepOutputError(f"shard {self.npy(i)} is not complete: run (or finish) the `embed` step")
-            why = self.damage(i, info)
+            why = self.check(i, info)
             if why is not None:
                 raise StepOutputError(f"shard {i} of {self.root} is damaged ({why}): run `embed` again to recompute it")
             embs.append(np.load(self.npy(i)))

@@ -89,7 +89,8 @@ def submit_embed_array(args: Any, cfg: DictConfig) -> int:
     if not jobs:
         print("embed: every shard is already complete")
         return 0
-    print(f"submitted {len(jobs)} embed shard(s) as job array {jobs[0].job_id.split('_')[0]}")
+    array_id = jobs[0].job_id.split("_")[0]
+    print(f"submitted {len(jobs)} embed task(s) (each a share of the pending shards) as job array {array_id}")
     if not (args.local or args.wait):
         return 0
     failed = 0
@@ -98,5 +99,5 @@ def submit_embed_array(args: Any, cfg: DictConfig) -> int:
             job.result()
         except Exception as e:  # noqa: BLE001 - report every failed shard, then fail once
             failed += 1
-            print(f"shard job {job.job_id} failed: {e}", file=sys.stderr)
+            print(f"embed task {job.job_id} failed: {e}", file=sys.stderr)
     return 1 if failed else 0
