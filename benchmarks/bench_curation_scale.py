@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
 
     from dinolike.curation.config import load_config
     from dinolike.curation.index import set_threads
-    from dinolike.curation.pipeline import run_step
+    from dinolike.curation.steps import run_step
     from dinolike.curation.synth import write_synthetic_set
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -107,7 +107,7 @@ def quality(args: argparse.Namespace) -> None:
     """Precision / recall of the dedup edges at random images, against exact search over the whole pool."""
     from dinolike.curation.config import load_config
     from dinolike.curation.dedup_step import load_dedup
-    from dinolike.curation.embed import shard_set
+    from dinolike.curation.embed_step import shard_set
     from dinolike.curation.rows import open_view
     from dinolike.curation.search import exact_knn
     from dinolike.curation.workdir import done, work_dir

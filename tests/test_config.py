@@ -125,7 +125,7 @@ def test_every_shipped_recipe_can_start_a_run(path: Path) -> None:
 @pytest.mark.parametrize("path", CURATION_RECIPES, ids=lambda p: p.name)
 def test_every_curation_recipe_can_run(path: Path) -> None:
     from dinolike.curation.config import load_config as load_curation
-    from dinolike.curation.pipeline import STEPS
+    from dinolike.curation.steps import STEPS
 
     cfg = load_curation(path)
     _check_sets_what_it_says(path, cfg)

@@ -13,8 +13,8 @@ import pytest
 from dinolike.commands.curate import main
 from dinolike.curation.config import load_config
 from dinolike.curation.demo import write_demo_pool
-from dinolike.curation.embed import load_set
-from dinolike.curation.pipeline import load_dedup
+from dinolike.curation.embed_step import load_set
+from dinolike.curation.steps import load_dedup
 from dinolike.data.datasets import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

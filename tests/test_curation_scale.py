@@ -22,9 +22,9 @@ from dinolike.commands.curate import main
 from dinolike.curation.config import load_config
 from dinolike.curation.hkmeans import KMeansPlan, kmeans
 from dinolike.curation.parts import Ranks
-from dinolike.curation.pipeline import load_dedup, run_step
 from dinolike.curation.rows import ArrayRows, open_view
 from dinolike.curation.search import exact_knn
+from dinolike.curation.steps import load_dedup, run_step
 from dinolike.curation.store import ShardSet, StepOutputError
 from dinolike.curation.synth import write_synthetic_set
 
@@ -132,7 +132,7 @@ import numpy as np
 from test_curation_scale import KM, _cfg
 from dinolike.curation.hkmeans import KMeansPlan, kmeans
 from dinolike.curation.parts import Ranks
-from dinolike.curation.pipeline import run_step
+from dinolike.curation.steps import run_step
 from dinolike.curation.rows import open_view
 from dinolike.curation.store import ShardSet
 work = Path(sys.argv[1])

@@ -13,7 +13,7 @@ from testkit import unit
 
 from dinolike.curation.config import ConfigError, load_config
 from dinolike.curation.dedup import deduplicate
-from dinolike.curation.embed import prepare_sets, submit_embed
+from dinolike.curation.embed_step import prepare_sets, submit_embed
 from dinolike.curation.index import build_index, search
 from dinolike.curation.sample import balanced_quota, balanced_sample
 from dinolike.curation.store import ShardSet, StepOutputError
@@ -151,7 +151,7 @@ def test_embed_array_is_chunked_under_the_array_limit(tmp_path: Path) -> None:
     assert seen["slurm_array_parallelism"] == 2
     assert [[i for _, i in t] for t in seen["tasks"]] == [[0, 3, 6], [1, 4], [2, 5]]
     local = load_config(DEMO, [f"work_dir={tmp_path / 'local'}", *over])
-    from dinolike.curation.embed import load_set, run_embed
+    from dinolike.curation.embed_step import load_set, run_embed
 
     run_embed(local)
     a, b = load_set(cfg, "pool"), load_set(local, "pool")

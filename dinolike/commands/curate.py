@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dinolike.commands.parsing import RaisingParser
 from dinolike.curation.config import ConfigError, check_config, load_config
-from dinolike.curation.pipeline import STEPS, run_step
+from dinolike.curation.steps import STEPS, run_step
 from dinolike.curation.store import StepOutputError, write_lines
 
 __all__ = ["build_parser", "main"]

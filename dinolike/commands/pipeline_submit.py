@@ -98,7 +98,7 @@ def _submit_embed(cfg: DictConfig, stage: Stage, fps: dict[str, str], jobs: list
     cur = curation_config.load_config(stage.config_file, stage.overrides)
     executor, _ = _executor(cfg, "curate", [])
     executor.update_parameters(tasks_per_node=1, nodes=1, name="pipeline-embed")  # one process per shard
-    from dinolike.curation import embed as curation_embed
+    from dinolike.curation import embed_step as curation_embed
     array = curation_embed.submit_embed(cur, executor)
     if not array:
         return []

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from .config import section_fingerprint
 from .dedup import DedupResult
-from .embed import load_set, set_specs, shard_set
+from .embed_step import load_set, set_specs, shard_set
 from .index import build_index
 from .index import search as search_index
 from .parts import PartSet, Ranks, ranks

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from .config import section_fingerprint
 from .dedup_step import dedup_index, load_keep
-from .embed import load_set, set_specs, shard_set
+from .embed_step import load_set, set_specs, shard_set
 from .hkmeans import KMeansPlan, hierarchical, kmeans
 from .index import assign
 from .parts import PartSet, Ranks, ranks

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from .config import section_fingerprint
-from .embed import set_specs, shard_set
+from .embed_step import set_specs, shard_set
 from .store import StepOutputError
 
 __all__ = ["step_dir", "work_dir", "embeddings_fingerprint", "done", "up_to_date", "require", "prune_work"]

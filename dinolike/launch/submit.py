@@ -81,7 +81,7 @@ def submit_embed_array(args: Any, cfg: DictConfig) -> int:
     """`curate -- embed --config X ...` (`cfg`: that curation config): one array task per pending shard (a
     shard that is already complete is not submitted; a failed or preempted shard is picked up by the next
     submission)."""
-    from dinolike.curation.embed import submit_embed
+    from dinolike.curation.embed_step import submit_embed
 
     executor = make_executor(args)
     executor.update_parameters(tasks_per_node=1, nodes=1)  # one process per shard

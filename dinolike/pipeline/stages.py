@@ -298,7 +298,7 @@ def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
     """Every curation step (`dinolike curate all`), in this process."""
     from dinolike.curation.config import check_config
     from dinolike.curation.config import load_config as curation_config
-    from dinolike.curation.pipeline import run_step
+    from dinolike.curation.steps import run_step
     from dinolike.curation.store import StepOutputError, write_lines
 
     run_curate_demo(out, cfg)

@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from .dedup_step import load_dedup, step_dedup
-from .embed import prepare_sets, run_embed, shard_set
+from .embed_step import prepare_sets, run_embed, shard_set
 from .index import set_threads
 from .rows import open_view
 from .select_steps import SAMPLE_METHOD, step_retrieve, step_sample
