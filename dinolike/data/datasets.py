@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FMNIST_INSTALL_HINT = "install the Debian package dataset-fashion-mnist (as root: apt install -y dataset-fashion-mnist)"
+FMNIST_INSTALL_HINT = "install it with `apt-get install -y dataset-fashion-mnist`"
 FMNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
