@@ -11,12 +11,12 @@ import json
 import logging
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dinolike.commands.parsing import RaisingParser
 from dinolike.curation.config import ConfigError, check_config, load_config
-from dinolike.curation.steps import STEPS, run_step
-from dinolike.curation.store import StepOutputError, write_lines
+from dinolike.curation.steps import STEPS, curate
+from dinolike.curation.store import StepOutputError
 
 __all__ = ["build_parser", "main"]
 
@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             truth = write_demo_pool(args.demo_out, n_originals=args.demo_n)
             print(json.dumps(truth["counts"]))
             return 0
-        result = run_step(cfg, args.step, args.force)
-        write_lines(f"{cfg.work_dir}/config.yaml", OmegaConf.to_yaml(cfg).splitlines())
     except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:
         print(f"dinolike curate: error: {args.step}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1, default=str))
-    return 0
+    return curate(cfg, args.step, args.force)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .dedup_step import load_dedup, step_dedup
 from .embed_step import prepare_sets, run_embed, shard_set
@@ -164,3 +164,22 @@ def run_step(cfg: DictConfig, step: str, force: bool = False) -> dict[str, Any]:
     set_threads(int(cfg.index.threads))
     return STEPS[step](cfg, force)
 
+
+
+def curate(cfg: DictConfig, step: str, force: bool = False) -> int:
+    """`dinolike curate STEP` (and the pipeline's curate stage): run the step, record the config it ran with
+    in the work dir, print its result as JSON; a problem the user can fix is one line and exit status 2."""
+    import sys
+
+    from dinolike.config import ConfigError
+
+    from .store import StepOutputError
+
+    try:
+        result = run_step(cfg, step, force)
+        write_lines(f"{cfg.work_dir}/config.yaml", OmegaConf.to_yaml(cfg).splitlines())
+    except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:
+        print(f"dinolike curate: error: {step}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    return 0

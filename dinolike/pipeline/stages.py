@@ -298,20 +298,16 @@ def run_curate(out: Path, stage: Stage, cfg: DictConfig) -> int:
     """Every curation step (`dinolike curate all`), in this process."""
     from dinolike.curation.config import check_config
     from dinolike.curation.config import load_config as curation_config
-    from dinolike.curation.steps import run_step
-    from dinolike.curation.store import StepOutputError, write_lines
+    from dinolike.curation.steps import curate
 
     run_curate_demo(out, cfg)
     try:
         cur = curation_config(stage.config_file, stage.overrides)
         check_config(cur, "all")
-        result = run_step(cur, "all")
-        write_lines(f"{cur.work_dir}/config.yaml", OmegaConf.to_yaml(cur).splitlines())
-    except (ConfigError, StepOutputError, ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"dinolike curate: error: all: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1, default=str))
-    return 0
+    return curate(cur, "all")
 
 
 def run_train(out: Path, stage: Stage, cfg: DictConfig) -> int:
