@@ -34,6 +34,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dinolike.checkpoints import files as ck  # noqa: E402
+from dinolike.checkpoints.files import resolve_checkpoint  # noqa: E402
 from dinolike.config import load_config  # noqa: E402
 from dinolike.data.datasets import build_dataset  # noqa: E402
 from dinolike.data.normalize import build_eval_transform  # noqa: E402
@@ -42,8 +44,6 @@ from dinolike.eval.knn import knn_eval  # noqa: E402
 from dinolike.eval.linear import linear_probe  # noqa: E402
 from dinolike.eval.settings import eval_settings  # noqa: E402
 from dinolike.interop import load_pretrained  # noqa: E402
-from dinolike.training import checkpoint as ck  # noqa: E402
-from dinolike.training.checkpoint import resolve_checkpoint  # noqa: E402
 from dinolike.training.loop import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from dinolike import dist, fsdp
+from dinolike.checkpoints import dcp
+from dinolike.checkpoints import files as ck
 from dinolike.config import load_config
-from dinolike.training import checkpoint as ck
-from dinolike.training import dcp
 from dinolike.training.loop import _restore, build_method
 from dinolike.training.optim import build_optimizer
 

@@ -78,7 +78,7 @@ def install(phase: str, at: int, batch_size: int) -> None:
     SSLMethod.forward_loss, SSLMethod.after_step = forward_loss, after_step
     torch.save, os.replace = save, replace
     if phase == "dcp-mid":
-        import dinolike.training.dcp as dcp
+        import dinolike.checkpoints.dcp as dcp
 
         real_manifest = dcp._write_manifest
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from testkit import REPO, SMOKE
 
+from dinolike.checkpoints import files as ck
 from dinolike.config import load_config
-from dinolike.training import checkpoint as ck
 from dinolike.training.collapse import CollapseError, CollapseWatch
 from dinolike.training.loop import train
 from dinolike.training.ssl import collapse_signals

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dinolike.training import checkpoint as ck
-from dinolike.training import dcp
+from dinolike.checkpoints import dcp
+from dinolike.checkpoints import files as ck
 
 
 class Tiny(nn.Module):

@@ -21,7 +21,7 @@ import torch
 from testkit import REPO, SMOKE, rows
 
 from dinolike import dist
-from dinolike.training import checkpoint as ck
+from dinolike.checkpoints import files as ck
 
 GLOBAL_BATCH = 16
 ITERS = 4  # 2 epochs of 2 iterations; checkpoints at 2 and 4

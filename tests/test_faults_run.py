@@ -24,13 +24,13 @@ from faultlog import record
 from PIL import Image
 from testkit import no_training_step
 
+from dinolike.checkpoints import files as ck
 from dinolike.commands import export as export_cmd
 from dinolike.commands import train as cli
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
 from dinolike.eval.spread import CONSTANT_COSINE, backbone_cls_cosine, mean_pairwise_cosine
 from dinolike.models import build_backbone
-from dinolike.training import checkpoint as ck
 from dinolike.training import loop
 from dinolike.training.collapse import CollapseError, CollapseWatch
 from dinolike.training.estimate import estimate_seconds_per_iteration

@@ -23,9 +23,9 @@ import pytest
 import torch
 from faultlog import record
 
+from dinolike.checkpoints import files as ck
 from dinolike.commands import train as cli
 from dinolike.config import load_config
-from dinolike.training import checkpoint as ck
 from dinolike.training.loop import train
 from dinolike.training.ssl import SSLMethod
 

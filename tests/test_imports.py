@@ -21,8 +21,11 @@ ROOTS = ("dinolike", "eval", "curation", "launch", "benchmarks")
 FLOORS: dict[str, int] = {
     "dinolike": 5, "dinolike.config": 0,  # the strict config loader: any floor reads configs
     "dinolike.errors": 0,  # the error family's base (DinolikeError): every floor raises its members
+    "dinolike.hashing": 0,  # one streamed file hash: checkpoint manifests, shard indexes, fingerprints
     "dinolike.layers": 1, "dinolike.loss": 1,
     "dinolike.models": 2, "dinolike.data": 2,
+    # a run's saved state: training resumes from it, interop (export, eval, a teacher) reads backbones out of it
+    "dinolike.checkpoints": 3,
     "dinolike.training": 3, "dinolike.dist": 3, "dinolike.fsdp": 3, "dinolike.interop": 3,
     "dinolike.local_procs": 3,
     # the feature extraction + kNN that training's periodic eval needs

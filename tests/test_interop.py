@@ -340,7 +340,7 @@ def test_ssl_method_starts_from_pretrained_weights_with_fresh_heads(tmp_path: Pa
 
 
 def test_train_starts_from_an_exported_official_backbone(tmp_path: Path) -> None:
-    from dinolike.training import checkpoint as ck
+    from dinolike.checkpoints import files as ck
     from dinolike.training.loop import train
 
     src, path = pico_official(tmp_path, img_size=28)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from testkit import REPO, SMOKE
 
+from dinolike.checkpoints import files as ck
 from dinolike.local_procs import run_local, threads_per_process
-from dinolike.training import checkpoint as ck
 
 CHILD = """
 import os, sys, time

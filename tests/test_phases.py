@@ -14,10 +14,10 @@ import torch
 from testkit import SMOKE, rows
 
 import dinolike.training.loop as loop
+from dinolike.checkpoints import files as ck
 from dinolike.commands.train import main as train_cli
 from dinolike.config import load_config
 from dinolike.interop import load_pretrained
-from dinolike.training import checkpoint as ck
 from dinolike.training.schedules import build_schedules
 
 TINY = [  # smaller than the smoke recipe: 64 images, batches of 8, small heads, a log row per iteration

@@ -23,11 +23,11 @@ from PIL import Image
 from test_distributed import COMMON, assert_losses_match, assert_models_match
 from testkit import REPO, SMOKE, rows
 
+from dinolike.checkpoints import dcp
+from dinolike.checkpoints import files as ck
 from dinolike.data.datasets import FashionMNIST
 from dinolike.data.shard_writer import ShardConfig, write_shards
 from dinolike.data.shards import ShardDataset, sidecar_name
-from dinolike.training import checkpoint as ck
-from dinolike.training import dcp
 
 DRIVER = REPO / "tests" / "fault_driver.py"
 GLOBAL_BATCH, SEED = 16, 0

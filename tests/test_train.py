@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from testkit import REPO, SMOKE, rows
 
+from dinolike.checkpoints import files as ck
 from dinolike.config import load_config
 from dinolike.data.datasets import FashionMNIST
-from dinolike.training import checkpoint as ck
 from dinolike.training.loop import NonFiniteLossError, train
 
 

@@ -13,7 +13,6 @@ joins them into `index.json` once all parts are done.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dinolike.hashing import file_hash
 
 from .datasets import _IMAGE_READ_ERRORS, DataError, build_dataset, parse_spec, read_image
 from .shards import FORMAT_VERSION, INDEX_KIND, INDEX_NAME, sidecar_name
@@ -81,14 +82,6 @@ def _scan(tar_path: Path, n: int) -> np.ndarray:
     return side
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_one(out: Path, name: str, items: list[tuple[str, int]], check: bool) -> tuple[dict, int]:
     """One shard from (path, label) items; returns its index entry and the number of images left out."""
     from webdataset import TarWriter
@@ -117,7 +110,8 @@ def _write_one(out: Path, name: str, items: list[tuple[str, int]], check: bool) 
     side_tmp = out / f".{sidecar_name(name)}.tmp.npy"
     np.save(side_tmp, side)
     os.replace(side_tmp, out / sidecar_name(name))
-    entry = {"url": name, "nsamples": kept, "filesize": (out / name).stat().st_size, "md5sum": _md5(out / name)}
+    size, md5 = (out / name).stat().st_size, file_hash(out / name, "md5")
+    entry = {"url": name, "nsamples": kept, "filesize": size, "md5sum": md5}
     return entry, dropped
 
 

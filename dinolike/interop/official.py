@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dinolike.checkpoints.dcp import is_dcp_checkpoint
+from dinolike.checkpoints.files import list_checkpoints, load_checkpoint
 from dinolike.interop.common import (
     InteropError,
     load_safetensors,
@@ -75,8 +77,6 @@ def read_backbone(
     newest checkpoint for the student). The config is None only for bare official files.
     """
     from dinolike.interop import hf, timm
-    from dinolike.training.checkpoint import list_checkpoints, load_checkpoint
-    from dinolike.training.dcp import is_dcp_checkpoint
 
     path = Path(path)
     if is_dcp_checkpoint(path):  # a sharded (DCP) training checkpoint: the full model, read in this process

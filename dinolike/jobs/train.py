@@ -120,9 +120,9 @@ def run_training(cfg: DictConfig, command: str = "train") -> int:
     """`train_job(cfg)` with the command's handling of its failures: one line on stderr and an exit status
     (what `dinolike train` and the pipeline's train stages run; the Python API calls `train_job` itself and
     gets the exceptions)."""
+    from dinolike.checkpoints.files import NonFiniteStateError, RunWriteError
     from dinolike.data.datasets import DataError
     from dinolike.models import CheckpointMismatchError
-    from dinolike.training.checkpoint import NonFiniteStateError, RunWriteError
     from dinolike.training.collapse import CollapseError
     from dinolike.training.loop import NonFiniteLossError
 

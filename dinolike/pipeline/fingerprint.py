@@ -8,6 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from dinolike.hashing import file_hash
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,11 +21,7 @@ def digest(*parts: Any) -> str:
 
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
     """16-hex sha256 of a file's bytes: the identity of an artifact, wherever it is moved."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return file_hash(path, chunk=chunk)[:16]
 
 
 def git_commit(repo: Path = REPO) -> str:

@@ -17,8 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dinolike.checkpoints.files import load_checkpoint, resolve_checkpoint
 from dinolike.models import CheckpointMismatchError, load_state_strict
-from dinolike.training.checkpoint import load_checkpoint, resolve_checkpoint
 from dinolike.training.method import Method, Phase, untimed
 from dinolike.training.optim import param_groups
 from dinolike.training.ssl import SSLTargets, build_student, ssl_loss_terms, teacher_targets

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from dinolike.training.checkpoint import RunWriteError, atomic_save
+from dinolike.checkpoints.files import RunWriteError, atomic_save
 
 
 def export_backbone(backbone: nn.Module, model_cfg: Mapping, path: Path) -> Path:

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from dinolike import dist, fsdp
+from dinolike.checkpoints import dcp
+from dinolike.checkpoints import files as ck
 from dinolike.config import to_container
 from dinolike.errors import DinolikeError
 from dinolike.models.load import CheckpointMismatchError
-from dinolike.training import checkpoint as ck
-from dinolike.training import dcp
 from dinolike.training.collapse import CollapseError, CollapseWatch
 from dinolike.training.data import build_batch_mover, build_skip_guard, build_train_loader, grey_scale_warning
 from dinolike.training.estimate import StepTimer, estimate_seconds_per_iteration, human_duration

@@ -1,5 +1,5 @@
 """Atomic writes (temp file, fsync, rename) and the errors of writing a run's files: shared by the
-single-file checkpoints (checkpoint.py), the sharded ones (dcp.py) and the exports."""
+single-file checkpoints (files.py), the sharded ones (dcp.py) and the exports."""
 
 from __future__ import annotations
 

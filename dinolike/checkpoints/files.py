@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from dinolike.checkpoints import dcp
+from dinolike.checkpoints.atomic import CheckpointWriteError, NonFiniteStateError, RunWriteError, atomic_save
 from dinolike.models.load import CheckpointMismatchError, state_checksum, state_leaves
-from dinolike.training import dcp
-from dinolike.training.atomic import CheckpointWriteError, NonFiniteStateError, RunWriteError, atomic_save
 
 __all__ = ["CheckpointWriteError", "DamagedCheckpointError", "NonFiniteStateError", "RunWriteError", "atomic_save"]
 

@@ -10,7 +10,7 @@ own shards, and DCP reshards on load, so a run saved by N processes resumes in M
       meta.pt                      iteration, config, RNG states, skip counts (torch.save, weights_only)
       manifest.json                size and SHA-256 of every file above: the integrity check
 
-Same guarantees as the single file (checkpoint.py): NaN/inf weights are refused before anything is
+Same guarantees as the single file (files.py): NaN/inf weights are refused before anything is
 written; a kill at any moment leaves only a temp folder, which resume ignores and rank 0 removes; the
 manifest is the last file written before the rename; the last `keep_last` checkpoints are kept; resume
 walks back past a checkpoint whose files are missing, cut short or fail their hash.
@@ -18,7 +18,6 @@ walks back past a checkpoint whose files are missing, cut short or fail their ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,7 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from dinolike import dist
-from dinolike.training.atomic import CheckpointWriteError, NonFiniteStateError, atomic_save
+from dinolike.checkpoints.atomic import CheckpointWriteError, NonFiniteStateError, atomic_save
+from dinolike.hashing import file_hash
 
 MANIFEST, META = "manifest.json", "meta.pt"
 
@@ -49,14 +49,6 @@ def is_dcp_checkpoint(path: Path) -> bool:
 def temp_dir(final: Path) -> Path:
     """The same name on every rank, so that all write into one folder (a shared filesystem)."""
     return final.with_name(f".{final.name}.tmp")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _local(t: Any) -> Any:
@@ -106,7 +98,7 @@ def save_sharded(final: Path, method: nn.Module, opt: torch.optim.Optimizer, met
             atomic_save(meta, tmp / META)
         mine = sorted(p for p in tmp.iterdir() if p.name.startswith(f"__{rank}_") or
                       (rank == 0 and p.name in (".metadata", META)))
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in mine}
+        files = {p.name: {"size": p.stat().st_size, "sha256": file_hash(p)} for p in mine}
     except OSError as e:
         error, files = f"{e.strerror or e}", {}
     gathered = dist.all_gather_objects((files, error))
@@ -153,7 +145,7 @@ def verify(path: Path) -> str | None:
                 why = f"{name} is missing"
             elif p.stat().st_size != want["size"]:
                 why = f"{name} is {p.stat().st_size} bytes, the manifest says {want['size']}"
-            elif _owner(name, world) == rank and _sha256(p) != want["sha256"]:
+            elif _owner(name, world) == rank and file_hash(p) != want["sha256"]:
                 why = f"{name} fails its SHA-256: damaged after it was written"
             if why:
                 break
