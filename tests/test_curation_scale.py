@@ -21,9 +21,11 @@ from testkit import free_port
 from dinolike.commands.curate import main
 from dinolike.curation.config import load_config
 from dinolike.curation.hkmeans import KMeansPlan, kmeans
+from dinolike.curation.index import assign
 from dinolike.curation.parts import Ranks
 from dinolike.curation.rows import ArrayRows, open_view
 from dinolike.curation.search import exact_knn
+from dinolike.curation.split_kmeans import split_level
 from dinolike.curation.steps import load_dedup, run_step
 from dinolike.curation.store import ShardSet, StepOutputError
 from dinolike.curation.synth import write_synthetic_set
@@ -139,6 +141,10 @@ work = Path(sys.argv[1])
 for step in ("dedup", "sample"):
     run_step(_cfg(work, "index.type=ivfpq"), step)
 r = Ranks()
+if r.main:
+    (work / "sample" / "result.npz").rename(work / "sample_one_step.npz")
+r.barrier()
+run_step(_cfg(work, "index.type=ivfpq", "sample.level1_split=6"), "sample")
 c = kmeans(open_view(ShardSet(work / "embeddings" / "pool")), KMeansPlan(*KM), 3, r)
 if r.main:
     np.save(work / "kmeans.npy", c)
@@ -151,14 +157,18 @@ def test_two_ranks_equal_one_process(pool: dict) -> None:
     one, two = _work(pool, "one"), _work(pool, "two")
     for step in ("dedup", "sample"):
         run_step(_cfg(one, "index.type=ivfpq"), step)
+    (one / "sample" / "result.npz").rename(one / "sample_one_step.npz")
+    run_step(_cfg(one, "index.type=ivfpq", "sample.level1_split=6"), "sample")  # level 1 split: 10 x 6
     one_km = kmeans(open_view(ShardSet(one / "embeddings" / "pool")), KMeansPlan(*KM), 3, Ranks())
     script = two / "ranks.py"
     script.write_text(RANK_SCRIPT)
     _two_ranks([sys.executable, str(script), str(two)], extra_path=ROOT / "tests")
     np.testing.assert_allclose(np.load(two / "kmeans.npy"), one_km, atol=1e-5)  # all-reduced sums = one sum
     assert _edges(one) == _edges(two)
-    with np.load(one / "sample" / "result.npz") as a, np.load(two / "sample" / "result.npz") as b:
-        np.testing.assert_array_equal(a["ids"], b["ids"])
+    for result in ("sample_one_step.npz", "sample/result.npz"):
+        with np.load(one / result) as a, np.load(two / result) as b:
+            np.testing.assert_array_equal(a["ids"], b["ids"])
+            np.testing.assert_array_equal(a["pool_cluster"], b["pool_cluster"])
     summary = json.loads((two / "sample" / "done.json").read_text())["summary"]
     assert summary["ranks"] == 2 and summary["sampled"] == 600
 
@@ -200,3 +210,33 @@ def test_kmeans_resumes_from_its_checkpoint(pool: dict, tmp_path: Path) -> None:
     with np.load(ckpt) as z:
         assert int(z["step"]) == 3
     np.testing.assert_array_equal(kmeans(view, KMeansPlan(*KM), 3, Ranks(), ckpt), full)
+
+
+def test_split_level_one_tightens_the_coarse_clusters_and_resumes(pool: dict, tmp_path: Path) -> None:
+    """Level 1 in two steps (10 coarse clusters, each split into 6): every row lands on the nearest of its own
+    coarse cluster's sub-centroids, the split clusters are tighter than the coarse ones, and a run that lost a
+    block of splits (killed) redoes that block only, to the same result."""
+    view = open_view(ShardSet(pool["base"] / "proto" / "embeddings" / "pool"))
+    x = view.rows(0, len(view))  # [N, D]
+    plan = KMeansPlan(60, 5, 0, 5, 700)
+    level = split_level(view, plan, 6, 3, Ranks(), tmp_path / "split")
+    cents = np.asarray(level.centroids)  # [K', D]
+    label, sim = level.labels()
+    assert 50 <= len(cents) <= 60 and set(np.unique(label)) == set(range(len(cents)))
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose((x * cents[label]).sum(1), sim, atol=1e-5)
+    with np.load(tmp_path / "split" / "coarse.npz") as z:
+        coarse = z["centroids"]  # [10, D]
+    coarse_label, coarse_sim = assign(x, coarse)
+    for c in range(len(coarse)):  # the sub-centroids a row may take: those of its own coarse cluster
+        rows = np.flatnonzero(coarse_label == c)
+        own = np.unique(label[rows])
+        best = (x[rows] @ cents[own].T).max(1)
+        np.testing.assert_allclose(sim[rows], best, atol=1e-5)
+        assert not np.isin(own, np.unique(label[coarse_label != c])).any()
+    assert sim.mean() > coarse_sim.mean() + 0.05, (sim.mean(), coarse_sim.mean())
+    (tmp_path / "split" / "split_000000.npz").unlink()  # the only block (64 coarse clusters each), lost
+    (tmp_path / "split" / "centroids.npy").unlink()
+    again = split_level(view, plan, 6, 3, Ranks(), tmp_path / "split")
+    np.testing.assert_array_equal(np.asarray(again.centroids), cents)
+    np.testing.assert_array_equal(again.labels()[0], label)

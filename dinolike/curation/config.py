@@ -34,7 +34,8 @@ CHOICES: dict[str, tuple[object, ...]] = {
 MINIMUM: dict[str, float] = {
     **dict.fromkeys(("embed.shard_size", "embed.batch_size", "index.list_size", "index.nprobe", "dedup.k",
                      "retrieve.k", "retrieve.n_clusters", "retrieve.per_cluster", "sample.target",
-                     "scale.part_rows", "scale.chunk_rows", "embed.array_max", "embed.array_parallel"), 1),
+                     "scale.part_rows", "scale.chunk_rows", "embed.array_max", "embed.array_parallel",
+                     "sample.level1_split"), 1),
     **dict.fromkeys(("embed.num_workers", "index.nlist", "index.threads"), 0),
 }
 

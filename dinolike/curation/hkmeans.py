@@ -29,7 +29,7 @@ from .rows import ArrayRows
 from .selfjoin import top_k_per_row
 from .store import save_npz
 
-__all__ = ["KMeansPlan", "kmeans", "closest_per_cluster", "hierarchical", "my_slice"]
+__all__ = ["KMeansPlan", "kmeans", "closest_per_cluster", "hierarchical", "my_slice", "slice_of"]
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,16 @@ class KMeansPlan:
         return self.niter + self.resample_steps
 
 
+def slice_of(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous rows [a, b) of `rank` of `world`: equal slices, the remainder spread over the first ranks."""
+    base, extra = divmod(n, world)
+    a = rank * base + min(rank, extra)
+    return a, a + base + (rank < extra)
+
+
 def my_slice(n: int, r: Ranks) -> tuple[int, int]:
-    """Contiguous rows [a, b) of rank r: equal slices, the remainder spread over the first ranks."""
-    base, extra = divmod(n, r.world)
-    a = r.rank * base + min(r.rank, extra)
-    return a, a + base + (r.rank < extra)
+    """This rank's contiguous rows [a, b)."""
+    return slice_of(n, r.rank, r.world)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -66,7 +71,7 @@ def _lloyd_step(src: ArrayRows, centroids: np.ndarray, r: Ranks, chunk: int) -> 
     a, b = my_slice(len(src), r)
     for _, x in src.slices(chunk, a, b):
         ids, _ = assign(x, centroids)  # [c]
-        sums.index_add_(0, torch.from_numpy(ids), torch.from_numpy(x).double())
+        sums.index_add_(0, torch.from_numpy(ids), torch.from_numpy(x.astype(np.float64)))
         counts += np.bincount(ids, minlength=k)
     sums_np, counts = r.sum(sums.numpy()), r.sum(counts)
     new = _unit(sums_np)
@@ -97,7 +102,7 @@ def _resample_step(src: ArrayRows, centroids: np.ndarray, plan: KMeansPlan, r: R
     x = src.take(picked)  # [M, D], M <= K * sample_size
     ids, _ = assign(x, centroids)
     sums = torch.zeros(centroids.shape, dtype=torch.float64).index_add_(0, torch.from_numpy(ids),
-                                                                         torch.from_numpy(x).double())
+                                                                         torch.from_numpy(x.astype(np.float64)))
     new = _unit(sums.numpy())
     empty = np.bincount(ids, minlength=len(centroids)) == 0
     new[empty] = centroids[empty]
@@ -130,17 +135,21 @@ def kmeans(src: ArrayRows, plan: KMeansPlan, seed: int, r: Ranks, ckpt: Path | N
 
 
 def hierarchical(
-    src: ArrayRows, plans: list[KMeansPlan], seed: int, r: Ranks, ckpt_dir: Path | None = None
+    src: ArrayRows, plans: list[KMeansPlan], seed: int, r: Ranks, ckpt_dir: Path | None = None,
+    level1: np.ndarray | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(centroids per level, parents per level > 1): parents[l - 1] [K_{l-1}] maps each level-(l-1) centroid to
-    its level-l cluster. Assigning the rows to level 1 is left to the caller (it is a sharded pass)."""
+    its level-l cluster. Assigning the rows to level 1 is left to the caller (it is a sharded pass).
+    `level1`: level 1's centroids when the caller made them (split_kmeans.py), else level 1 is a k-means here."""
     cents: list[np.ndarray] = []
     parents: list[np.ndarray] = []
     items: ArrayRows = src
     for level, plan in enumerate(plans):
         plan = KMeansPlan(min(plan.k, len(items)), plan.niter, plan.resample_steps, plan.sample_size, plan.chunk)
         done = None if ckpt_dir is None else ckpt_dir / f"level_{level + 1}.done.npz"
-        if done is not None and done.is_file():
+        if level == 0 and level1 is not None:
+            c = level1
+        elif done is not None and done.is_file():
             with np.load(done) as z:
                 c = z["centroids"]
         else:

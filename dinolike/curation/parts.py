@@ -25,7 +25,7 @@ from dinolike import dist
 
 from .store import StepOutputError, save_npz, write_json
 
-__all__ = ["Ranks", "PartSet", "ranks"]
+__all__ = ["Ranks", "OneRank", "PartSet", "ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,23 @@ class Ranks:
     def agree(self, obj: Any) -> Any:
         """Rank 0's value of `obj` on every rank (a small Python object)."""
         return self.gather(obj)[0]
+
+
+class OneRank(Ranks):
+    """Rank 0 of 1 whatever torch.distributed says: for work that one process does alone inside a sharded
+    step (a split of k-means level 1), whose collectives must not wait for the other ranks."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def sum(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 def ranks() -> Ranks:

@@ -8,7 +8,8 @@ retrieve:
   image assigned part by part, then (rank 0) the clusters that hold more than `min_seeds` seeds give up to
   `per_cluster` images each.
 sample: hierarchical k-means with resampling over the whole kept pool (level 1 distributed, checkpointed per
-  level and iteration), every kept image assigned part by part, then the balanced draw on rank 0.
+  level and iteration; with `sample.level1_split` S > 1 made in two steps, split_kmeans.py), every kept image
+  assigned part by part (or by the splits), then the balanced draw on rank 0.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .retrieve import best_per_image, pick_from_clusters
 from .rows import ArrayRows, EmbeddingView, SubsetRows, open_view
 from .sample import balanced_sample
 from .search import exact_knn, rerank
+from .split_kmeans import split_level
 from .store import StepOutputError, save_npz, write_json
 from .workdir import done, embeddings_fingerprint, prune_work, require, step_dir, up_to_date, work_dir
 
@@ -158,16 +160,24 @@ def step_sample(cfg: DictConfig, force: bool = False) -> dict[str, Any]:
     rows = SubsetRows(pool, kept)
     plans = sample_plans(cfg)
     work = work_dir(cfg, "sample", fp)
-    cents, parents = r.together(lambda: hierarchical(rows, plans, int(cfg.seed), r, work))
+    split = int(cfg.sample.level1_split)
+    level1 = (r.together(lambda: split_level(rows, plans[0], split, int(cfg.seed), r, work / "split"))
+              if split > 1 else None)
+    cents, parents = r.together(lambda: hierarchical(rows, plans, int(cfg.seed), r, work,
+                                                     None if level1 is None else level1.centroids))
     t_kmeans = time.perf_counter() - t0
     parts = PartSet(work / "assign", len(kept), int(cfg.scale.part_rows), fp)
-    r.together(lambda: _assign_parts(rows, cents[0], parts, r, int(cfg.scale.chunk_rows)))
+    if level1 is None:  # the split gave every row its level-1 cluster already
+        r.together(lambda: _assign_parts(rows, cents[0], parts, r, int(cfg.scale.chunk_rows)))
     summary: dict[str, Any] | None = None
     if r.main:
         def merge() -> dict[str, Any]:
-            leaf = parts.all("cluster").astype(np.int64)  # [M] level-1 cluster of every kept image
+            if level1 is None:
+                leaf, sim = parts.all("cluster").astype(np.int64), parts.all("sim")  # [M] of every kept image
+            else:
+                leaf, sim = level1.labels()
             ids, cl = balanced_sample([leaf, *parents], int(cfg.sample.target), int(cfg.seed), str(cfg.sample.pick),
-                                      parts.all("sim"))
+                                      sim)
             out = {"pool_after_dedup": len(kept), "levels": [len(c) for c in cents],
                    "nonempty_level1": int(len(np.unique(leaf))), "sampled": len(ids), "ranks": r.world,
                    "kmeans_seconds": round(t_kmeans, 2), "seconds": round(time.perf_counter() - t0, 2)}
