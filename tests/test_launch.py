@@ -158,7 +158,9 @@ def test_admin_requeue_resumes_once_and_cancel_is_not_resurrected(cluster, tmp_p
 
 
 def test_curation_embed_runs_as_a_job_array_one_task_per_shard(cluster, tmp_path):
-    """`launch curate -- embed ...`: one array task per pending shard; a rerun submits nothing."""
+    """`launch curate -- embed ...`: one array task per pending shard; a rerun submits nothing; under
+    `embed.array_max=2`, `embed.array_parallel=1` the scheduler gets `--array=0-1%1` and its 2 tasks write the
+    same 3 shards (sacct: 2 tasks, both COMPLETED)."""
     import numpy as np
     from PIL import Image
 
@@ -181,6 +183,22 @@ def test_curation_embed_runs_as_a_job_array_one_task_per_shard(cluster, tmp_path
     emb = np.concatenate([np.load(f) for f in done])
     assert emb.shape[0] == 30 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     assert sub.main(args) == 0  # every shard complete: nothing submitted
+
+    # under a scheduler's array limit: 3 pending shards, at most 2 tasks, 1 running at a time
+    chunked, jobs = tmp_path / "chunked", tmp_path / "jobs_chunked"
+    args = ["curate", "--partition", cluster.partition, "--timeout", "10", "--job-dir", str(jobs), "--wait", "--",
+            "embed", f"work_dir={chunked}", f"pool=[folder-nolabels:{pool}]", "embed.shard_size=10",
+            "embed.progress=false", "embed.array_max=2", "embed.array_parallel=1"]
+    assert sub.main(args) == 0
+    chunked_shards = sorted((chunked / "embeddings" / "pool").glob("shard_*.npy"))
+    assert [f.name for f in chunked_shards] == [f.name for f in done]
+    for a, b in zip(done, chunked_shards, strict=True):
+        np.testing.assert_allclose(np.load(a), np.load(b), atol=1e-5)  # the same embeddings as one task per shard
+    scripts = list(jobs.glob("*/*_submission.sh"))
+    assert len(scripts) == 1 and "#SBATCH --array=0-1%1" in scripts[0].read_text(), scripts
+    job_id = scripts[0].name.split("_")[0]
+    tasks = cluster.run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State", check=False).split()
+    assert sorted(tasks) == [f"{job_id}_0|COMPLETED", f"{job_id}_1|COMPLETED"], tasks
 
 
 def test_stop_ends_every_daemon_by_pid(cluster):
