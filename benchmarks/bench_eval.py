@@ -3,7 +3,8 @@
   python benchmarks/bench_eval.py speed                   # kNN 60k x 10k (D=384), linear grid, logreg
   python benchmarks/bench_eval.py fmnist --models pixels random [CKPT ...] [--protocols knn linear logreg]
 
-`fmnist` runs the real commands (`python -m eval.<protocol>`) on the full 60k/10k sets and prints one
+`fmnist` runs the eval jobs `dinolike eval` runs (`dinolike.eval.protocols.eval_knn / eval_linear /
+eval_logreg`, called in this process) on the full 60k/10k sets and prints one
 markdown table (accuracy + wall time per eval) for BENCHMARKS.md; results land in --out/<model>/<protocol>.
 """
 
@@ -27,7 +28,7 @@ from dinolike.eval.logreg import logreg_eval  # noqa: E402
 from dinolike.eval.settings import eval_settings  # noqa: E402
 
 # the random ViT baseline: the default recipe's architecture and initialisation, untrained
-RANDOM_ARGS = ["--config", "configs/fmnist_cpu.yaml"]
+RANDOM_CONFIG = "configs/fmnist_cpu.yaml"
 
 
 def _clustered(n: int, dim: int, n_classes: int, seed: int, n_blocks: int = 1) -> FeatureSet:
@@ -70,28 +71,26 @@ def speed(args: argparse.Namespace) -> None:
 
 
 def fmnist(args: argparse.Namespace) -> None:
-    import importlib
+    from dinolike.errors import DinolikeError
+    from dinolike.eval.config import job_config
+    from dinolike.eval.protocols import eval_knn, eval_linear, eval_logreg
 
+    jobs = {"knn": eval_knn, "linear": eval_linear, "logreg": eval_logreg}
     rows = []
     for model in args.models:
         name = Path(model).stem if model not in ("pixels", "random") else model
-        extra = RANDOM_ARGS if model == "random" else []
+        config = RANDOM_CONFIG if model == "random" else None
         for proto in args.protocols:
             out = Path(args.out) / name / proto
-            argv = [
-                "--pretrained",
-                model,
-                *extra,
-                "--output-dir",
-                str(out),
-                "--no-progress",
-                "--cache-dir",
-                args.cache_dir,
-            ]
-            if args.limit_train:
-                argv += ["--limit-train", str(args.limit_train)]
+            keys = {"output_dir": str(out), "progress": False, "cache_dir": args.cache_dir,
+                    "limit_train": args.limit_train}
             t = time.perf_counter()
-            rc = importlib.import_module(f"eval.{proto}").main(argv)
+            try:
+                jobs[proto](job_config(model, config, [], keys))
+                rc = 0
+            except DinolikeError as e:
+                print(f"{name} {proto}: {e}")
+                rc = 1
             wall = time.perf_counter() - t
             if rc != 0:
                 rows.append(f"| {name} | {proto} | failed (rc {rc}) | | |")

@@ -15,16 +15,19 @@ from typing import Any
 __all__ = ["CheckpointMismatchError", "CollapsedBackboneError", "ConfigError", "DataError", "DinolikeError",
            "NotFoundError", "TrainError", "embed", "load", "train"]
 
-# name -> module holding it, imported on first use (each pulls in torch or omegaconf)
-_LAZY = {"embed": "dinolike.commands.api", "load": "dinolike.commands.api", "train": "dinolike.commands.api",
-         "TrainError": "dinolike.commands.api", "ConfigError": "dinolike.config",
-         "DataError": "dinolike.data.datasets", "CheckpointMismatchError": "dinolike.models.load",
-         **dict.fromkeys(("DinolikeError", "NotFoundError", "CollapsedBackboneError"), "dinolike.errors")}
-
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'dinolike' has no attribute {name!r}")
+    """The API's names, imported on first use (each module pulls in torch or omegaconf)."""
+    if name in ("embed", "load", "train", "TrainError"):
+        from dinolike.commands import api as module
+    elif name == "ConfigError":
+        from dinolike import config as module
+    elif name == "DataError":
+        from dinolike.data import datasets as module
+    elif name == "CheckpointMismatchError":
+        from dinolike.models import load as module
+    elif name in ("DinolikeError", "NotFoundError", "CollapsedBackboneError"):
+        from dinolike import errors as module
+    else:
+        raise AttributeError(f"module 'dinolike' has no attribute {name!r}")
+    return getattr(module, name)
