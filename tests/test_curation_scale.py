@@ -32,7 +32,7 @@ from dinolike.curation.synth import write_synthetic_set
 
 ROOT = Path(__file__).resolve().parent.parent
 N, DIM, SHARD = 6000, 32, 500
-# small pool, small parts: 6 parts of 1000 rows, IVF-PQ forced (the default switches to it above 1e8 pairs)
+# small pool, small parts: 6 parts of 1000 rows, IVF-PQ forced (the default switches to it above 1e9 pairs)
 OVERRIDES = ["embed.progress=false", "references=[]", "seeds=[]", "scale.part_rows=1000", "scale.chunk_rows=400",
              "dedup.threshold=0.9", "dedup.k=8", "index.pq_m=16", "index.pq_nbits=6", "index.list_size=100",
              "index.threads=1", "sample.levels=[60,6]", "sample.resample_steps=[2,2]", "sample.sample_size=[5,5]",

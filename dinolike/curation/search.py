@@ -56,21 +56,25 @@ def exact_knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest rows of `db` for each query: (cosines [q, k], row ids [q, k]; -1 where none).
 
-    The database is read one block of rows at a time (memory ~ block x D + q x block), so this works on a
-    memory-mapped pool of any size; `allowed` [N] bool restricts the candidates (e.g. the deduplicated pool).
+    The database is read one block of rows at a time and each block searched with `faiss.knn`, which cuts
+    the q x block products into small tiles and keeps only their top k: memory ~ block x D + q x k whatever
+    q is (a [q, block] similarity matrix would be 6.5 GB at q = block = 20k). `allowed` [N] bool restricts
+    the candidates (e.g. the deduplicated pool).
     """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     q = len(xq)
     best_s = np.full((q, k), -np.inf, np.float32)
     best_i = np.full((q, k), -1, np.int64)
     for s, xb in db.slices(block):
-        sims = xq @ xb.T  # [q, b]
+        ids = np.arange(s, s + len(xb))  # [b] row ids of the block
         if allowed is not None:
-            sims[:, ~allowed[s : s + len(xb)]] = -np.inf
-        kk = min(k, sims.shape[1])
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]  # [q, kk]
-        best_s, best_i = _merge_topk(np.concatenate([best_s, np.take_along_axis(sims, part, 1)], 1),
-                                     np.concatenate([best_i, part + s], 1), k)
+            mask = allowed[s : s + len(xb)]
+            xb, ids = xb[mask], ids[mask]
+        kk = min(k, len(xb))
+        if not kk or not q:
+            continue
+        sims, part = faiss.knn(xq, np.ascontiguousarray(xb), kk, metric=faiss.METRIC_INNER_PRODUCT)  # [q, kk]
+        best_s, best_i = _merge_topk(np.concatenate([best_s, sims], 1), np.concatenate([best_i, ids[part]], 1), k)
     best_i[~np.isfinite(best_s)] = -1
     return best_s, best_i
 
