@@ -66,7 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader's INFO lines drown --help
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    return getattr(importlib.import_module(module), function or "main")(argv[1:])
+    try:
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A command that joined a torch.distributed group (torchrun, SLURM tasks: train, curate's sharded steps)
+    leaves it before the interpreter exits: gloo's threads otherwise abort a finished job ("terminate called
+    without an active exception", exit -6). Commands that never imported torch.distributed skip this."""
+    if "torch.distributed" in sys.modules:
+        from dinolike import dist
+
+        dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ import sys
 from pathlib import Path
 import numpy as np
 from test_curation_scale import KM, _cfg
+from dinolike import dist
 from dinolike.curation.hkmeans import KMeansPlan, kmeans
 from dinolike.curation.parts import Ranks
 from dinolike.curation.steps import run_step
@@ -148,6 +149,8 @@ run_step(_cfg(work, "index.type=ivfpq", "sample.level1_split=6"), "sample")
 c = kmeans(open_view(ShardSet(work / "embeddings" / "pool")), KMeansPlan(*KM), 3, r)
 if r.main:
     np.save(work / "kmeans.npy", c)
+r.barrier()
+dist.cleanup()  # what `dinolike curate` does on its way out (dinolike/cli.py)
 """
 
 
