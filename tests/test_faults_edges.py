@@ -122,10 +122,18 @@ def test_embed_out_that_cannot_be_written_is_refused_before_the_work(tmp_path, t
 # --------------------------------------------------------------- 4, 5. signals during start-up
 
 
+def _foreground_signals() -> None:
+    """The child gets SIGINT / SIGQUIT as a terminal's foreground job does, even when the test run itself was
+    started in the background of a script (`pytest &`: POSIX shells start those with both ignored, an
+    ignored signal stays ignored across exec, and Python then never turns Ctrl-C into KeyboardInterrupt)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dinolike.cli", *smoke(out, *extra, epochs=100)]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_foreground_signals)
 
 
 def _importing_torch(pid: int) -> bool:
