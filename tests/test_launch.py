@@ -197,8 +197,16 @@ def test_curation_embed_runs_as_a_job_array_one_task_per_shard(cluster, tmp_path
     scripts = list(jobs.glob("*/*_submission.sh"))
     assert len(scripts) == 1 and "#SBATCH --array=0-1%1" in scripts[0].read_text(), scripts
     job_id = scripts[0].name.split("_")[0]
-    tasks = cluster.run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State", check=False).split()
-    assert sorted(tasks) == [f"{job_id}_0|COMPLETED", f"{job_id}_1|COMPLETED"], tasks
+
+    def finished_tasks() -> list[str] | None:
+        # submitit's --wait returns once the last result file exists; the accounting of that task may still say
+        # RUNNING / COMPLETING for a moment after it, so read sacct once every task has left those states
+        tasks = cluster.run("sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State", check=False).split()
+        busy = ("|RUNNING", "|PENDING", "|COMPLETING")
+        return sorted(tasks) if len(tasks) == 2 and not any(t.endswith(busy) for t in tasks) else None
+
+    tasks = _wait(finished_tasks, 60, "the accounting of the array's 2 tasks to settle", cluster, job_id)
+    assert tasks == [f"{job_id}_0|COMPLETED", f"{job_id}_1|COMPLETED"], tasks
 
 
 def test_stop_ends_every_daemon_by_pid(cluster):
