@@ -9,7 +9,7 @@ from testkit import unit
 
 from dinolike.curation.config import load_config
 from dinolike.curation.dedup import deduplicate
-from dinolike.curation.index import _split_counts, build_index, ivf_nlist, train_centroids
+from dinolike.curation.index import _split_counts, build_index, ivf_nlist, make_quantizer, train_centroids
 from dinolike.curation.selfjoin import threshold_join, top_k_per_row
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # see conftest.py
@@ -61,6 +61,22 @@ def test_join_with_few_probes_keeps_near_all_edges(quantizer: str) -> None:
     got = set(zip(src.tolist(), dst.tolist(), strict=True))
     assert got <= _brute_force_edges(x, 0.6, len(x))  # exact cosines: every edge is above the threshold
     assert len(got & want) >= 0.98 * len(want), len(got) / len(want)
+
+
+def test_auto_quantizer_puts_every_vector_in_its_nearest_lists_at_a_10m_pools_list_count() -> None:
+    """10M images at list_size 256 make ~39k lists. There `auto` must give each vector its exact nearest
+    lists (adds use the first, searches all nprobe). The HNSW graph `auto` chose above 32,768 lists before
+    fails this test (top-1 0.82, 55 % of the 16 nearest lists; BENCHMARKS 3b)."""
+    rng = np.random.default_rng(0)
+    centres = unit(rng.standard_normal((100_000, 384), dtype=np.float32))  # [C, D] the pool's synthetic centres
+    lists = unit(centres[rng.integers(0, len(centres), (40_000, 3))].sum(1))  # [L, D] list centroids
+    x = unit(centres[rng.integers(0, len(centres), 2000)] + rng.standard_normal((2000, 384), dtype=np.float32)
+             / np.sqrt(384))  # [Q, D] pool rows, cosine ~0.7 to their centre  # fmt: skip
+    _, got = make_quantizer(lists, {**_cfg(), "nprobe": 16}).search(x, 16)  # [Q, 16]
+    want = np.argsort(-(x @ lists.T), axis=1)[:, :16]  # [Q, 16] exact
+    top1 = float((got[:, 0] == want[:, 0]).mean())
+    recall = np.mean([len(set(g) & set(w)) / 16 for g, w in zip(got.tolist(), want.tolist(), strict=True)])
+    assert top1 == 1.0 and recall > 0.999, (top1, recall)
 
 
 def test_top_k_per_row_keeps_the_most_similar() -> None:
