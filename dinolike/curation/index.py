@@ -11,7 +11,7 @@ every query scan a growing slice of the database:
   (sqrt(nlist) groups, then each group split), so training grows linearly with nlist instead of as nlist^2;
 - the quantizer is flat (a BLAS matrix product, exact) up to 262,144 lists and HNSW above. Measured
   (benchmarks/bench_quantizer.py, BENCHMARKS 3b): on the synthetic pool, HNSW (efSearch 128) is slower
-  than flat at 39k lists and, at every size measured (39k-195k lists), puts 40-65 % of the vectors in
+  than flat at 39k lists and, at every size measured (39k-195k lists), puts 25-65 % of the vectors in
   a list that is not their nearest; flat costs ~7 ns per list and vector at D = 384, linear in nlist.
 On faiss-gpu with CUDA the index is sharded over all GPUs. Queries go in chunks so the [chunk, k] result
 buffers bound memory whatever the pool size. All vectors are L2-normalised: inner product = cosine.
